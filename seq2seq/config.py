@@ -1,0 +1,397 @@
+"""Run configuration: frozen dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig` with four sections (``model``, ``data``, ``train``,
+``decode``). Defaults live here and nowhere else. ``model.preset`` names one of :data:`PRESETS`;
+its values are applied first, and any key given explicitly wins over the preset.
+
+    cfg = load_config("recipes/configs/multi30k.yaml", ["train.max_steps=2000", "model.dropout=0.2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or inconsistent; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network shape. Defaults are the paper's base model (Vaswani et al. 2017, Table 3)."""
+
+    preset: str = ""
+    arch: str = "transformer"  # "transformer" (encoder-decoder) or "gpt" (decoder-only)
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: str = "relu"  # "relu" (paper) or "gelu"
+    norm_first: bool = False  # False: post-norm LayerNorm(x + Sublayer(x)), as in the paper
+    positions: str = "sinusoidal"  # "sinusoidal" (paper, section 3.5) or "learned"
+    max_positions: int = 1024
+    share_embeddings: bool = True  # one embedding for source, target and output (section 3.4)
+    tie_output: bool = True  # output projection = target embedding transposed
+    layer_norm_eps: float = 1e-5
+
+    def validate(self) -> None:
+        _check_choice("model.arch", self.arch, ("transformer", "gpt"))
+        _check_choice("model.activation", self.activation, ("relu", "gelu"))
+        _check_choice("model.positions", self.positions, ("sinusoidal", "learned"))
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        for name in ("d_model", "n_heads", "d_ff", "n_decoder_layers", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.arch == "transformer" and self.n_encoder_layers <= 0:
+            raise ConfigError("model.n_encoder_layers must be positive for arch=transformer")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError("model.dropout and model.attention_dropout must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is tokenized, and how it is batched.
+
+    ``format`` decides how ``path`` is read:
+      - ``text``: a folder with ``{split}.{lang}`` files (optionally ``.gz``), one sentence a line;
+      - ``tsv``: a folder with ``{split}.tsv`` (source, tab, target);
+      - ``jsonl``: a folder with ``{split}.jsonl``; ``src_field``/``tgt_field`` pick the fields;
+      - ``hf``: a Hugging Face ``datasets`` name (or local dataset folder) with ``hf_config``;
+        fields may be dotted, e.g. ``translation.de``;
+      - ``lm``: one plain-text file for decoder-only language modelling; the last
+        ``valid_fraction`` of it is held out for validation.
+    """
+
+    format: str = "text"
+    path: str = ""
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    src_field: str = ""
+    tgt_field: str = ""
+    hf_config: str = ""
+    train_split: str = "train"
+    valid_split: str = "val"
+    test_split: str = "test"
+    prepared_dir: str = ""  # binarized data; empty means "<train.out_dir>/data"
+    # tokenizer
+    tokenizer: str = "bpe"  # "bpe" or "unigram" (SentencePiece), or "char" (one id per character)
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    character_coverage: float = 1.0
+    input_sentence_size: int = 0  # sentences sampled to train SentencePiece; 0 = all
+    num_workers: int = 2
+    # batching
+    max_tokens: int = 4096  # per batch, padding included, source or target whichever is longer
+    max_source_len: int = 256
+    max_target_len: int = 256
+    # language modelling
+    block_size: int = 256
+    batch_size: int = 32
+    valid_fraction: float = 0.1
+
+    def validate(self) -> None:
+        _check_choice("data.format", self.format, ("text", "tsv", "jsonl", "hf", "lm"))
+        _check_choice("data.tokenizer", self.tokenizer, ("bpe", "unigram", "char"))
+        if self.format == "jsonl" and not (self.src_field and self.tgt_field):
+            raise ConfigError("data.format=jsonl needs data.src_field and data.tgt_field")
+        if self.format == "hf" and not (self.src_field and self.tgt_field):
+            raise ConfigError("data.format=hf needs data.src_field and data.tgt_field")
+        if self.max_tokens <= 0 or self.vocab_size <= 0 or self.block_size <= 0:
+            raise ConfigError("data.max_tokens, data.vocab_size and data.block_size must be positive")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError("data.valid_fraction must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, precision, evaluation cadence and checkpointing."""
+
+    out_dir: str = "runs/default"
+    seed: int = 1
+    max_steps: int = 100_000  # optimizer updates; 0 = no limit
+    max_epochs: int = 0  # 0 = no limit
+    max_minutes: float = 0.0  # wall-clock budget; 0 = no limit
+    update_freq: int = 1  # batches accumulated per update
+    lr_schedule: str = "noam"  # "noam" | "inverse_sqrt" | "cosine" | "constant"
+    lr: float = 1.0  # noam: multiplier of d_model^-0.5 * min(...); others: the peak rate
+    min_lr: float = 0.0  # cosine floor
+    warmup_steps: int = 4000
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0  # 0 = no clipping
+    label_smoothing: float = 0.1
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16: CUDA only, with loss scaling)
+    compile: bool = False
+    tf32: bool = True
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    deterministic: bool = False
+    log_every: int = 100
+    eval_every: int = 1000  # updates; 0 = at the end of each epoch
+    eval_bleu: bool = False
+    eval_bleu_sentences: int = 200
+    best_metric: str = "valid_loss"  # "valid_loss" or "bleu"
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    save_every: int = 1000  # updates; 0 = at each evaluation only
+    keep_last: int = 5
+
+    def validate(self) -> None:
+        _check_choice(
+            "train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "cosine", "constant")
+        )
+        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice("train.best_metric", self.best_metric, ("valid_loss", "bleu"))
+        if self.update_freq < 1:
+            raise ConfigError("train.update_freq must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("train.label_smoothing must lie in [0, 1)")
+        if self.best_metric == "bleu" and not self.eval_bleu:
+            raise ConfigError("train.best_metric=bleu needs train.eval_bleu=true")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Search settings; the paper used beam 4 and length penalty 0.6 (section 6.1)."""
+
+    beam_size: int = 4
+    length_penalty: float = 0.6  # GNMT: score / ((5 + length) / 6) ** alpha
+    max_len_a: float = 1.0  # output length limit = a * source_length + b
+    max_len_b: int = 50
+    min_len: int = 1
+    no_repeat_ngram_size: int = 0
+    nbest: int = 1
+    batch_tokens: int = 4096
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 500
+
+    def validate(self) -> None:
+        if self.beam_size < 1 or self.nbest < 1 or self.nbest > self.beam_size:
+            raise ConfigError("decode.beam_size must be >= 1 and 1 <= decode.nbest <= beam_size")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("decode.top_p must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    format_version: int = FORMAT_VERSION
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.decode.validate()
+        if self.model.arch == "gpt" and self.data.format != "lm":
+            raise ConfigError("model.arch=gpt needs data.format=lm")
+        if self.model.arch == "transformer" and self.data.format == "lm":
+            raise ConfigError("data.format=lm needs model.arch=gpt")
+        if self.model.share_embeddings and not self.data.joint_vocab and self.model.arch != "gpt":
+            raise ConfigError("model.share_embeddings=true needs data.joint_vocab=true")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def prepared_dir(self) -> Path:
+        """Directory holding the tokenizer and binarized corpus for this run."""
+        return Path(self.data.prepared_dir or Path(self.train.out_dir) / "data")
+
+
+# Named architectures. Transformer sizes are the paper's Table 3; GPT sizes follow nanoGPT's
+# character-level Shakespeare model and GPT-2 small (Radford et al. 2019).
+PRESETS: dict[str, dict[str, Any]] = {
+    "transformer_base": dict(
+        arch="transformer", d_model=512, n_heads=8, d_ff=2048,
+        n_encoder_layers=6, n_decoder_layers=6, dropout=0.1,
+    ),
+    "transformer_big": dict(
+        arch="transformer", d_model=1024, n_heads=16, d_ff=4096,
+        n_encoder_layers=6, n_decoder_layers=6, dropout=0.3,
+    ),
+    "transformer_small": dict(
+        arch="transformer", d_model=256, n_heads=4, d_ff=1024,
+        n_encoder_layers=3, n_decoder_layers=3, dropout=0.1,
+    ),
+    "transformer_tiny": dict(
+        arch="transformer", d_model=64, n_heads=4, d_ff=128,
+        n_encoder_layers=2, n_decoder_layers=2, dropout=0.1,
+    ),
+    "gpt_shakespeare": dict(
+        arch="gpt", d_model=384, n_heads=6, d_ff=1536, n_encoder_layers=0, n_decoder_layers=6,
+        dropout=0.2, activation="gelu", norm_first=True, positions="learned", max_positions=256,
+    ),
+    "gpt_mini": dict(
+        arch="gpt", d_model=128, n_heads=4, d_ff=512, n_encoder_layers=0, n_decoder_layers=4,
+        dropout=0.0, activation="gelu", norm_first=True, positions="learned", max_positions=64,
+    ),
+    "gpt2_small": dict(
+        arch="gpt", d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=0, n_decoder_layers=12,
+        dropout=0.1, activation="gelu", norm_first=True, positions="learned", max_positions=1024,
+    ),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply ``section.key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unknown preset, or inconsistent settings.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read config: {error.strerror}") from error
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from nested plain data (as YAML gives)."""
+    raw = dict(raw)
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.get("preset", "")
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        model_raw = {**PRESETS[preset], **model_raw}
+    raw["model"] = model_raw
+    config = _build(RunConfig, raw, "")
+    config.validate()
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` for nested configs: ``replace(cfg, train={"max_steps": 5})``."""
+    updates = {}
+    for name, value in changes.items():
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = replace(current, **value)
+        updates[name] = value
+    return dataclasses.replace(config, **updates)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: cannot parse value {text!r}: {error}") from error
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key; known keys: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        path = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(hints[name], value, path)
+    return cls(**values)
+
+
+def _coerce(annotation: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value or {}, path)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[-1])
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{path}: expected a list of {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-9" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported config type {annotation!r}")
+
+
+def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(item) for item in value]
+    return value
