@@ -112,7 +112,9 @@ class DataConfig:
         if self.format == "hf" and not (self.src_field and self.tgt_field):
             raise ConfigError("data.format=hf needs data.src_field and data.tgt_field")
         if self.max_tokens <= 0 or self.vocab_size <= 0 or self.block_size <= 0:
-            raise ConfigError("data.max_tokens, data.vocab_size and data.block_size must be positive")
+            raise ConfigError(
+                "data.max_tokens, data.vocab_size and data.block_size must be positive"
+            )
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError("data.valid_fraction must lie in (0, 1)")
 
@@ -219,6 +221,7 @@ class RunConfig:
 
 # Named architectures. Transformer sizes are the paper's Table 3; GPT sizes follow nanoGPT's
 # character-level Shakespeare model and GPT-2 small (Radford et al. 2019).
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "transformer_base": dict(
         arch="transformer", d_model=512, n_heads=8, d_ff=2048,
@@ -249,6 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.1, activation="gelu", norm_first=True, positions="learned", max_positions=1024,
     ),
 }
+# fmt: on
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -353,7 +357,9 @@ def _coerce(annotation: Any, value: Any, path: str) -> Any:
         item_types = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{path}: expected a list of {len(item_types)} values, got {value!r}")
-        return tuple(_coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+        return tuple(
+            _coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))
+        )
     if annotation is type(None):
         if value is None:
             return None

@@ -1,0 +1,452 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al. 2017) and a decoder-only GPT.
+
+Read top to bottom in the paper's order: attention (section 3.2), feed-forward (3.3), embeddings (3.4),
+positional encoding (3.5), then the layers and stacks (3.1), the encoder-decoder ``Transformer`` and
+the decoder-only ``GPT`` built from the same blocks.
+
+Shape legend: b batch, s source length, t target length, n new target positions, m model width
+(d_model), h heads, d head width (m / h), v vocabulary.
+
+Masks are boolean with True = may attend (the convention of
+``torch.nn.functional.scaled_dot_product_attention``); padding masks are True at real tokens.
+Defaults follow the paper: post-norm residual blocks, interleaved sinusoids, embeddings scaled by
+sqrt(d_model), output projection tied to the target embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from seq2seq.config import ModelConfig
+from seq2seq.tokenizer import PAD_ID
+
+# --------------------------------------------------------------------------- attention (3.2)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, section 3.2.2.
+
+    Keys and values are projected separately from queries so that a decoder can cache them:
+    ``project_key_value`` once per source (cross-attention) or once per new position (self-attention).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def project_key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(b, s, m) -> keys and values, each (b, h, s, d)."""
+        key = rearrange(self.k_proj(x), "b s (h d) -> b h s d", h=self.n_heads)
+        value = rearrange(self.v_proj(x), "b s (h d) -> b h s d", h=self.n_heads)
+        return key, value
+
+    def attend(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """query (b, t, m) against cached key/value (b, h, s, d) -> (b, t, m).
+
+        ``mask`` broadcasts to (b, h, t, s), True = may attend.
+        """
+        q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)
+        attended = F.scaled_dot_product_attention(
+            q,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        return self.out_proj(rearrange(attended, "b h t d -> b t (h d)"))
+
+    def forward(
+        self, query: Tensor, key_value: Tensor, mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        key, value = self.project_key_value(key_value)
+        return self.attend(query, key, value, mask, is_causal)
+
+
+# --------------------------------------------------------------------------- feed-forward (3.3)
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2, section 3.3 (GELU as an option)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.linear_in = nn.Linear(d_model, d_ff)
+        self.linear_out = nn.Linear(d_ff, d_model)
+        self.activation = F.relu if activation == "relu" else F.gelu
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_out(self.dropout(self.activation(self.linear_in(x))))
+
+
+# --------------------------------------------------------------------------- embeddings (3.4, 3.5)
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding multiplied by sqrt(d_model), section 3.4; its weight doubles as the output
+    projection when tied."""
+
+    def __init__(self, vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.scale = math.sqrt(d_model)
+        # Tied embeddings receive the output layer's gradient too; this scale keeps logits O(1).
+        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
+        with torch.no_grad():
+            self.weight[PAD_ID].zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight, padding_idx=PAD_ID) * self.scale
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/m)), PE(pos, 2i+1) = cos(same), interleaved."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    inverse_frequency = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles = position * inverse_frequency
+    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return table.float()
+
+
+class PositionalEncoding(nn.Module):
+    """Adds fixed sinusoids (section 3.5) or learned positions, then dropout on the sum."""
+
+    def __init__(self, kind: str, max_positions: int, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        if kind == "sinusoidal":
+            self.register_buffer("table", sinusoidal_positions(max_positions, d_model), False)
+        else:
+            self.table = nn.Parameter(torch.empty(max_positions, d_model))
+            nn.init.normal_(self.table, mean=0.0, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, embedded: Tensor, offset: int = 0) -> Tensor:
+        """(b, t, m) embeddings of positions offset .. offset + t - 1 -> (b, t, m)."""
+        end = offset + embedded.shape[1]
+        if end > self.max_positions:
+            raise ValueError(
+                f"sequence of {end} positions exceeds model.max_positions={self.max_positions}"
+            )
+        return self.dropout(embedded + self.table[offset:end].to(embedded.dtype))
+
+
+# --------------------------------------------------------------------------- layers (3.1)
+
+
+class Residual(nn.Module):
+    """A sublayer with its residual connection and LayerNorm.
+
+    Post-norm (paper): LayerNorm(x + Dropout(Sublayer(x))). Pre-norm: x + Dropout(Sublayer(LayerNorm(x))).
+    """
+
+    def __init__(self, d_model: int, dropout: float, norm_first: bool, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, sublayer) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each wrapped in a residual block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.self_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
+        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.dropout, c.activation)
+        self.self_attention_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+        self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        """x (b, s, m); key_mask (b, 1, 1, s) -> (b, s, m)."""
+        x = self.self_attention_block(x, lambda y: self.self_attention(y, y, key_mask))
+        return self.feed_forward_block(x, self.feed_forward)
+
+
+@dataclass
+class LayerCache:
+    """Keys and values one decoder layer has seen: (b, h, positions, d) each."""
+
+    self_key: Tensor | None = None
+    self_value: Tensor | None = None
+    cross_key: Tensor | None = None
+    cross_value: Tensor | None = None
+
+
+@dataclass
+class DecoderState:
+    """Everything incremental decoding carries between steps.
+
+    ``length`` counts target positions already decoded. ``memory_mask`` (b, 1, 1, s) is None for GPT.
+    """
+
+    layers: list[LayerCache]
+    memory_mask: Tensor | None = None
+    length: int = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (b',), in that order: follows beams and drops finished rows."""
+        for cache in self.layers:
+            for name in ("self_key", "self_value", "cross_key", "cross_value"):
+                tensor = getattr(cache, name)
+                if tensor is not None:
+                    setattr(cache, name, tensor.index_select(0, index))
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, optional cross-attention over the encoder output, feed-forward.
+
+    Without cross-attention this is the GPT block.
+    """
+
+    def __init__(self, config: ModelConfig, cross_attention: bool) -> None:
+        super().__init__()
+        c = config
+        self.self_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
+        self.self_attention_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+        self.cross_attention = None
+        if cross_attention:
+            self.cross_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
+            self.cross_attention_block = Residual(
+                c.d_model, c.dropout, c.norm_first, c.layer_norm_eps
+            )
+        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.dropout, c.activation)
+        self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """x (b, n, m) new target positions; memory (b, s, m); memory_mask (b, 1, 1, s).
+
+        Without a cache, x is the whole target and attention is causal. With one, x continues the
+        cached prefix: its keys and values are appended and it attends to prefix and itself.
+        """
+
+        def self_attend(y: Tensor) -> Tensor:
+            key, value = self.self_attention.project_key_value(y)
+            if cache is None:
+                return self.self_attention.attend(y, key, value, None, is_causal=True)
+            past = 0 if cache.self_key is None else cache.self_key.shape[2]
+            if cache.self_key is not None:
+                key = torch.cat([cache.self_key, key], dim=2)
+                value = torch.cat([cache.self_value, value], dim=2)
+            cache.self_key, cache.self_value = key, value
+            mask = None
+            if y.shape[1] > 1:  # several new positions: each sees the prefix and itself
+                mask = causal_mask(y.shape[1], past + y.shape[1], y.device, offset=past)
+            return self.self_attention.attend(y, key, value, mask, is_causal=False)
+
+        def cross_attend(y: Tensor) -> Tensor:
+            if cache is not None and cache.cross_key is not None:
+                key, value = cache.cross_key, cache.cross_value
+            else:
+                key, value = self.cross_attention.project_key_value(memory)
+                if cache is not None:
+                    cache.cross_key, cache.cross_value = key, value
+            return self.cross_attention.attend(y, key, value, memory_mask, is_causal=False)
+
+        x = self.self_attention_block(x, self_attend)
+        if self.cross_attention is not None:
+            x = self.cross_attention_block(x, cross_attend)
+        return self.feed_forward_block(x, self.feed_forward)
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device, offset: int = 0) -> Tensor:
+    """(n_queries, n_keys) True where query i (at position offset + i) may see key j <= offset + i."""
+    query_position = torch.arange(n_queries, device=device)[:, None] + offset
+    return torch.arange(n_keys, device=device)[None, :] <= query_position
+
+
+def padding_mask(tokens: Tensor) -> Tensor:
+    """(b, s) token ids -> (b, 1, 1, s) True at real tokens, broadcastable over heads and queries."""
+    return rearrange(tokens != PAD_ID, "b s -> b 1 1 s")
+
+
+# --------------------------------------------------------------------------- the models
+
+
+@dataclass
+class EncoderOutput:
+    memory: Tensor  # (b, s, m)
+    memory_mask: Tensor  # (b, 1, 1, s), True at real source tokens
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer, section 3 and figure 1.
+
+    With ``share_embeddings`` (one joint vocabulary) the source embedding, target embedding and
+    output projection are one matrix (three-way tying, section 3.4).
+    """
+
+    def __init__(self, config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+        super().__init__()
+        if config.share_embeddings and src_vocab_size != tgt_vocab_size:
+            raise ValueError(
+                f"share_embeddings needs one vocabulary, got {src_vocab_size} and {tgt_vocab_size}"
+            )
+        c = config
+        self.config = config
+        self.target_embedding = TokenEmbedding(tgt_vocab_size, c.d_model)
+        self.source_embedding = (
+            self.target_embedding
+            if c.share_embeddings
+            else TokenEmbedding(src_vocab_size, c.d_model)
+        )
+        self.source_positions = PositionalEncoding(
+            c.positions, c.max_positions, c.d_model, c.dropout
+        )
+        self.target_positions = PositionalEncoding(
+            c.positions, c.max_positions, c.d_model, c.dropout
+        )
+        self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(c, cross_attention=True) for _ in range(c.n_decoder_layers)
+        )
+        # Pre-norm leaves the last residual sum unnormalised, so each stack ends with a LayerNorm.
+        self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
+        self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
+        self.output_projection = None
+        if not c.tie_output:
+            self.output_projection = nn.Linear(c.d_model, tgt_vocab_size, bias=False)
+        _init_linear_layers(self)
+
+    def encode(self, src: Tensor) -> EncoderOutput:
+        """src (b, s) token ids, right-padded with PAD_ID -> memory (b, s, m)."""
+        memory_mask = padding_mask(src)
+        x = self.source_positions(self.source_embedding(src))
+        for layer in self.encoder_layers:
+            x = layer(x, memory_mask)
+        if self.encoder_norm is not None:
+            x = self.encoder_norm(x)
+        return EncoderOutput(x, memory_mask)
+
+    def decode(self, tgt_in: Tensor, encoded: EncoderOutput) -> Tensor:
+        """Teacher-forced decoding: tgt_in (b, t) -> logits (b, t, v).
+
+        Targets are right-padded, so causal masking alone keeps real positions off the padding.
+        """
+        x = self.target_positions(self.target_embedding(tgt_in))
+        for layer in self.decoder_layers:
+            x = layer(x, encoded.memory, encoded.memory_mask)
+        return self._logits(x)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """src (b, s), tgt_in (b, t) -> logits (b, t, v)."""
+        return self.decode(tgt_in, self.encode(src))
+
+    def start_decoding(self, encoded: EncoderOutput) -> DecoderState:
+        """A fresh cache holding each layer's cross-attention keys/values, computed once per source."""
+        state = DecoderState([LayerCache() for _ in self.decoder_layers], encoded.memory_mask)
+        for layer, cache in zip(self.decoder_layers, state.layers):
+            cache.cross_key, cache.cross_value = layer.cross_attention.project_key_value(
+                encoded.memory
+            )
+        return state
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """tokens (b, n) continuing the cached prefix -> logits (b, n, v); extends the cache."""
+        x = self.target_positions(self.target_embedding(tokens), offset=state.length)
+        for layer, cache in zip(self.decoder_layers, state.layers):
+            x = layer(x, None, state.memory_mask, cache)
+        state.length += tokens.shape[1]
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        if self.output_projection is not None:
+            return self.output_projection(x)
+        return F.linear(x, self.target_embedding.weight)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model: the decoder stack without cross-attention, output tied."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.token_embedding = TokenEmbedding(vocab_size, c.d_model)
+        self.positions = PositionalEncoding(c.positions, c.max_positions, c.d_model, c.dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, cross_attention=False) for _ in range(c.n_decoder_layers)
+        )
+        self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
+        self.output_projection = None
+        if not c.tie_output:
+            self.output_projection = nn.Linear(c.d_model, vocab_size, bias=False)
+        _init_linear_layers(self)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (b, t) -> next-token logits (b, t, v)."""
+        x = self.positions(self.token_embedding(tokens))
+        for layer in self.layers:
+            x = layer(x)
+        return self._logits(x)
+
+    def start_decoding(self, batch_size: int, device: torch.device | str) -> DecoderState:
+        return DecoderState([LayerCache() for _ in self.layers])
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """tokens (b, n) continuing the cached prefix -> logits (b, n, v); extends the cache."""
+        x = self.positions(self.token_embedding(tokens), offset=state.length)
+        for layer, cache in zip(self.layers, state.layers):
+            x = layer(x, cache=cache)
+        state.length += tokens.shape[1]
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.output_projection is not None:
+            return self.output_projection(x)
+        return F.linear(x, self.token_embedding.weight)
+
+
+def _init_linear_layers(model: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every linear layer (embeddings set their own)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Transformer | GPT:
+    """The model ``config.arch`` names; GPT uses ``tgt_vocab_size``."""
+    if config.arch == "gpt":
+        return GPT(config, tgt_vocab_size)
+    return Transformer(config, src_vocab_size, tgt_vocab_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct trainable parameters (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,351 @@
+"""The model against the paper's formulas and PyTorch's reference layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq.config import PRESETS, ModelConfig, config_from_dict
+from seq2seq.model import (
+    GPT,
+    Transformer,
+    build_model,
+    count_parameters,
+    padding_mask,
+    sinusoidal_positions,
+)
+from seq2seq.tokenizer import BOS_ID, PAD_ID
+
+
+def tiny_config(**changes) -> ModelConfig:
+    values = dict(
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        dropout=0.1,
+        max_positions=64,
+    )
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def random_tokens(batch: int, length: int, vocab: int, lengths: list[int]) -> torch.Tensor:
+    tokens = torch.randint(4, vocab, (batch, length))
+    for row, n in enumerate(lengths):
+        tokens[row, n:] = PAD_ID
+    return tokens
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def test_positional_encoding_matches_section_3_5():
+    table = sinusoidal_positions(50, 16)
+    for pos in (0, 1, 7, 49):
+        for i in range(8):
+            angle = pos / 10000 ** (2 * i / 16)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_embeddings_scaled_and_three_way_tied():
+    model = Transformer(tiny_config(dropout=0.0), 40, 40).eval()
+    assert model.source_embedding is model.target_embedding
+    tokens = torch.tensor([[5, 6]])
+    expected = model.target_embedding.weight[tokens] * math.sqrt(32)
+    assert torch.allclose(model.target_embedding(tokens), expected)
+    # logits are the decoder output times the shared embedding matrix
+    assert model.output_projection is None
+    untied = Transformer(tiny_config(share_embeddings=False), 30, 40)
+    assert untied.source_embedding is not untied.target_embedding
+    assert untied.source_embedding.weight.shape[0] == 30
+
+
+@pytest.mark.parametrize(
+    "preset, low, high", [("transformer_base", 63e6, 65e6), ("transformer_big", 212e6, 215e6)]
+)
+def test_paper_parameter_counts(preset, low, high):
+    config = config_from_dict({"model": {"preset": preset}}).model
+    with torch.device("meta"):
+        model = build_model(config, 37000, 37000)
+    assert low <= count_parameters(model) <= high
+
+
+# --------------------------------------------------------------------------- reference parity
+
+
+def copy_attention(ours, theirs: nn.MultiheadAttention) -> None:
+    with torch.no_grad():
+        theirs.in_proj_weight.copy_(
+            torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+        )
+        theirs.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        theirs.out_proj.weight.copy_(ours.out_proj.weight)
+        theirs.out_proj.bias.copy_(ours.out_proj.bias)
+
+
+def copy_feed_forward_and_norms(ours, theirs, blocks) -> None:
+    with torch.no_grad():
+        theirs.linear1.load_state_dict(ours.feed_forward.linear_in.state_dict())
+        theirs.linear2.load_state_dict(ours.feed_forward.linear_out.state_dict())
+        for index, block in enumerate(blocks, start=1):
+            getattr(theirs, f"norm{index}").load_state_dict(block.norm.state_dict())
+
+
+def reference_encoder_layer(ours, config: ModelConfig) -> nn.TransformerEncoderLayer:
+    theirs = nn.TransformerEncoderLayer(
+        config.d_model,
+        config.n_heads,
+        config.d_ff,
+        dropout=config.dropout,
+        activation=config.activation,
+        batch_first=True,
+        norm_first=config.norm_first,
+    )
+    copy_attention(ours.self_attention, theirs.self_attn)
+    copy_feed_forward_and_norms(ours, theirs, [ours.self_attention_block, ours.feed_forward_block])
+    return theirs.eval()
+
+
+def reference_decoder_layer(ours, config: ModelConfig) -> nn.TransformerDecoderLayer:
+    theirs = nn.TransformerDecoderLayer(
+        config.d_model,
+        config.n_heads,
+        config.d_ff,
+        dropout=config.dropout,
+        activation=config.activation,
+        batch_first=True,
+        norm_first=config.norm_first,
+    )
+    copy_attention(ours.self_attention, theirs.self_attn)
+    copy_attention(ours.cross_attention, theirs.multihead_attn)
+    copy_feed_forward_and_norms(
+        ours,
+        theirs,
+        [ours.self_attention_block, ours.cross_attention_block, ours.feed_forward_block],
+    )
+    return theirs.eval()
+
+
+def real_positions(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens != PAD_ID
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_layers_match_pytorch_reference(norm_first, activation):
+    config = tiny_config(norm_first=norm_first, activation=activation)
+    model = Transformer(config, 50, 50).eval()
+    src = random_tokens(3, 7, 50, [7, 4, 2])
+    tgt = random_tokens(3, 5, 50, [5, 3, 1])
+    x_src = torch.randn(3, 7, 32)
+    x_tgt = torch.randn(3, 5, 32)
+
+    encoder_layer = model.encoder_layers[0]
+    theirs = reference_encoder_layer(encoder_layer, config)
+    with torch.no_grad():
+        ours_out = encoder_layer(x_src, padding_mask(src))
+        theirs_out = theirs(x_src, src_key_padding_mask=src == PAD_ID)
+    keep = real_positions(src)
+    assert torch.allclose(ours_out[keep], theirs_out[keep], atol=1e-5)
+
+    decoder_layer = model.decoder_layers[0]
+    theirs = reference_decoder_layer(decoder_layer, config)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        ours_out = decoder_layer(x_tgt, x_src, padding_mask(src))
+        theirs_out = theirs(
+            x_tgt,
+            x_src,
+            tgt_mask=causal,
+            tgt_key_padding_mask=tgt == PAD_ID,
+            memory_key_padding_mask=src == PAD_ID,
+        )
+    keep = real_positions(tgt)
+    assert torch.allclose(ours_out[keep], theirs_out[keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_full_model_matches_nn_transformer(norm_first):
+    config = tiny_config(norm_first=norm_first)
+    model = Transformer(config, 50, 50).eval()
+    reference = nn.Transformer(
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=64,
+        dropout=0.1,
+        batch_first=True,
+        norm_first=norm_first,
+    ).eval()
+    for ours, theirs in zip(model.encoder_layers, reference.encoder.layers):
+        copy_attention(ours.self_attention, theirs.self_attn)
+        copy_feed_forward_and_norms(
+            ours, theirs, [ours.self_attention_block, ours.feed_forward_block]
+        )
+    for ours, theirs in zip(model.decoder_layers, reference.decoder.layers):
+        copy_attention(ours.self_attention, theirs.self_attn)
+        copy_attention(ours.cross_attention, theirs.multihead_attn)
+        blocks = [ours.self_attention_block, ours.cross_attention_block, ours.feed_forward_block]
+        copy_feed_forward_and_norms(ours, theirs, blocks)
+    if norm_first:
+        reference.encoder.norm.load_state_dict(model.encoder_norm.state_dict())
+        reference.decoder.norm.load_state_dict(model.decoder_norm.state_dict())
+    else:  # the paper's post-norm stacks end with the last layer's own norm
+        reference.encoder.norm = nn.Identity()
+        reference.decoder.norm = nn.Identity()
+
+    src = random_tokens(3, 9, 50, [9, 6, 3])
+    tgt = random_tokens(3, 6, 50, [6, 4, 2])
+    with torch.no_grad():
+        ours = model(src, tgt)
+        src_embedded = model.source_positions(model.source_embedding(src))
+        tgt_embedded = model.target_positions(model.target_embedding(tgt))
+        hidden = reference(
+            src_embedded,
+            tgt_embedded,
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(6),
+            src_key_padding_mask=src == PAD_ID,
+            tgt_key_padding_mask=tgt == PAD_ID,
+            memory_key_padding_mask=src == PAD_ID,
+        )
+        theirs = hidden @ model.target_embedding.weight.T
+    keep = real_positions(tgt)
+    assert torch.allclose(ours[keep], theirs[keep], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def test_decoder_is_causal():
+    model = Transformer(tiny_config(), 50, 50).eval()
+    src = random_tokens(2, 6, 50, [6, 6])
+    tgt = random_tokens(2, 8, 50, [8, 8])
+    changed = tgt.clone()
+    changed[:, 5:] = torch.randint(4, 50, (2, 3))
+    with torch.no_grad():
+        before, after = model(src, tgt), model(src, changed)
+    assert torch.allclose(before[:, :5], after[:, :5], atol=1e-6)
+    assert not torch.allclose(before[:, 5:], after[:, 5:], atol=1e-3)
+
+
+def test_gpt_is_causal():
+    model = GPT(tiny_config(arch="gpt", norm_first=True, positions="learned"), 50).eval()
+    tokens = torch.randint(4, 50, (2, 10))
+    changed = tokens.clone()
+    changed[:, 6:] = torch.randint(4, 50, (2, 4))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens)[:, :6], model(changed)[:, :6], atol=1e-6)
+
+
+def test_pad_content_never_changes_real_outputs():
+    """Garbage in the embedded vectors at pad positions must not leak into real positions."""
+    model = Transformer(tiny_config(), 50, 50).eval()
+    src = random_tokens(2, 7, 50, [7, 3])
+    tgt = random_tokens(2, 6, 50, [6, 2])
+
+    def scramble_pads(tokens):
+        def hook(module, inputs, output):
+            noise = torch.randn_like(output) * 10
+            return torch.where((tokens == PAD_ID)[..., None], noise, output)
+
+        return hook
+
+    with torch.no_grad():
+        reference = model(src, tgt)
+        handles = [
+            model.source_positions.register_forward_hook(scramble_pads(src)),
+            model.target_positions.register_forward_hook(scramble_pads(tgt)),
+        ]
+        changed = model(src, tgt)
+        for handle in handles:
+            handle.remove()
+    keep = real_positions(tgt)
+    assert torch.allclose(reference[keep], changed[keep], atol=1e-5)
+    assert not torch.allclose(reference[~keep], changed[~keep], atol=1e-3)
+
+
+def test_padding_extra_columns_changes_nothing():
+    model = Transformer(tiny_config(), 50, 50).eval()
+    src = random_tokens(2, 5, 50, [5, 3])
+    tgt = random_tokens(2, 4, 50, [4, 2])
+    padded_src = torch.cat([src, torch.full((2, 3), PAD_ID)], dim=1)
+    padded_tgt = torch.cat([tgt, torch.full((2, 2), PAD_ID)], dim=1)
+    with torch.no_grad():
+        short, long = model(src, tgt), model(padded_src, padded_tgt)[:, :4]
+    keep = real_positions(tgt)
+    assert torch.allclose(short[keep], long[keep], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- incremental decoding
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_decoding_equals_full_forward(norm_first):
+    model = Transformer(tiny_config(norm_first=norm_first), 50, 50).eval()
+    src = random_tokens(3, 7, 50, [7, 5, 2])
+    tgt = torch.cat([torch.full((3, 1), BOS_ID), torch.randint(4, 50, (3, 6))], dim=1)
+    with torch.no_grad():
+        full = model(src, tgt)
+        state = model.start_decoding(model.encode(src))
+        steps = [model.decode_step(tgt[:, i : i + 1], state) for i in range(7)]
+        assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+        # prefill several positions at once, then continue one by one
+        state = model.start_decoding(model.encode(src))
+        chunked = [model.decode_step(tgt[:, :4], state)]
+        chunked += [model.decode_step(tgt[:, i : i + 1], state) for i in range(4, 7)]
+        assert torch.allclose(torch.cat(chunked, dim=1), full, atol=1e-5)
+
+
+def test_cache_reorder_follows_beams():
+    model = Transformer(tiny_config(), 50, 50).eval()
+    src = random_tokens(3, 6, 50, [6, 4, 3])
+    tgt = torch.cat([torch.full((3, 1), BOS_ID), torch.randint(4, 50, (3, 4))], dim=1)
+    order = torch.tensor([2, 0, 0])  # duplicate one row and drop another, as beam search does
+    with torch.no_grad():
+        state = model.start_decoding(model.encode(src))
+        model.decode_step(tgt[:, :3], state)
+        state.reorder(order)
+        continued = model.decode_step(tgt[order, 3:], state)
+        full = model(src[order], tgt[order])
+    assert torch.allclose(continued, full[:, 3:], atol=1e-5)
+
+
+def test_gpt_cached_decoding_and_reorder():
+    model = GPT(tiny_config(arch="gpt", norm_first=True, positions="learned"), 50).eval()
+    tokens = torch.randint(4, 50, (3, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        state = model.start_decoding(3, "cpu")
+        parts = [model.decode_step(tokens[:, :5], state)]
+        parts += [model.decode_step(tokens[:, i : i + 1], state) for i in range(5, 9)]
+        assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+        order = torch.tensor([1, 1, 2])
+        state = model.start_decoding(3, "cpu")
+        model.decode_step(tokens[:, :6], state)
+        state.reorder(order)
+        continued = torch.cat(
+            [model.decode_step(tokens[order, i : i + 1], state) for i in range(6, 9)], dim=1
+        )
+    assert torch.allclose(continued, model(tokens[order])[:, 6:], atol=1e-5)
+
+
+def test_positions_beyond_maximum_raise():
+    model = GPT(tiny_config(arch="gpt", max_positions=8), 50)
+    with pytest.raises(ValueError, match="max_positions"):
+        model(torch.randint(4, 50, (1, 9)))
+
+
+def test_every_preset_builds_a_model():
+    for name, values in PRESETS.items():
+        config = ModelConfig(preset=name, **values)
+        config.validate()
+        with torch.device("meta"):
+            model = build_model(config, 1000, 1000)
+        assert isinstance(model, GPT if config.arch == "gpt" else Transformer)
