@@ -99,10 +99,12 @@ class DataConfig:
     max_tokens: int = 4096  # per batch, padding included, source or target whichever is longer
     max_source_len: int = 256
     max_target_len: int = 256
+    truncate: bool = False  # over-long training examples: False drops them, True truncates them
     # language modelling
     block_size: int = 256
     batch_size: int = 32
     valid_fraction: float = 0.1
+    eval_batches: int = 20  # language modelling: fixed validation batches per evaluation
 
     def validate(self) -> None:
         _check_choice("data.format", self.format, ("text", "tsv", "jsonl", "hf", "lm"))
