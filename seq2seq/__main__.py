@@ -6,7 +6,14 @@ import importlib
 import sys
 
 # subcommand -> (module, one-line help). Each module exposes ``main(argv) -> int``.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("seq2seq.data", "tokenize and binarize a corpus once"),
+    "average": ("seq2seq.checkpoint", "average checkpoints into a model directory"),
+    "train": ("seq2seq.train", "train a model from a YAML config with key=value overrides"),
+    "translate": ("seq2seq.translate", "translate text line by line with beam search"),
+    "sample": ("seq2seq.sample", "generate text from a GPT model directory"),
+    "evaluate": ("seq2seq.evaluate", "BLEU/chrF/TER/ROUGE with signatures, or perplexity"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ class ModelConfig:
     n_decoder_layers: int = 6
     dropout: float = 0.1
     attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # inside the FFN; the paper has none (tensor2tensor adds it)
     activation: str = "relu"  # "relu" (paper) or "gelu"
     norm_first: bool = False  # False: post-norm LayerNorm(x + Sublayer(x)), as in the paper
     positions: str = "sinusoidal"  # "sinusoidal" (paper, section 3.5) or "learned"
@@ -59,8 +60,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.arch == "transformer" and self.n_encoder_layers <= 0:
             raise ConfigError("model.n_encoder_layers must be positive for arch=transformer")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
-            raise ConfigError("model.dropout and model.attention_dropout must lie in [0, 1)")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must lie in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,31 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from seq2seq.config import ModelConfig
 from seq2seq.tokenizer import PAD_ID
+
+# --------------------------------------------------------------------------- dropout
+
+
+class Dropout(nn.Module):
+    """Inverted dropout. Same maths as ``nn.Dropout``; on CPU the mask comes from ``torch.rand``,
+    which there is about 4x faster than the Bernoulli sampler ``nn.Dropout`` uses
+    (benchmarks/RESULTS.md), and dropout is a large share of a small model's CPU step."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
 
 # --------------------------------------------------------------------------- attention (3.2)
 
@@ -59,14 +81,18 @@ class MultiHeadAttention(nn.Module):
         ``mask`` broadcasts to (b, h, t, s), True = may attend.
         """
         q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)
-        attended = F.scaled_dot_product_attention(
-            q,
-            key,
-            value,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and torch.is_grad_enabled() and key.shape[2] <= 128:
+            # PyTorch's CPU flash-attention backward is 2-4x slower than plain matmul-softmax
+            # for short sequences (benchmarks/RESULTS.md); its forward stays the faster one.
+            with sdpa_kernel(SDPBackend.MATH):
+                attended = F.scaled_dot_product_attention(
+                    q, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
+                )
+        else:
+            attended = F.scaled_dot_product_attention(
+                q, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
+            )
         return self.out_proj(rearrange(attended, "b h t d -> b t (h d)"))
 
     def forward(
@@ -82,12 +108,12 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2, section 3.3 (GELU as an option)."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+    def __init__(self, d_model: int, d_ff: int, activation_dropout: float, activation: str) -> None:
         super().__init__()
         self.linear_in = nn.Linear(d_model, d_ff)
         self.linear_out = nn.Linear(d_ff, d_model)
         self.activation = F.relu if activation == "relu" else F.gelu
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_out(self.dropout(self.activation(self.linear_in(x))))
@@ -135,7 +161,7 @@ class PositionalEncoding(nn.Module):
         else:
             self.table = nn.Parameter(torch.empty(max_positions, d_model))
             nn.init.normal_(self.table, mean=0.0, std=0.02)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, embedded: Tensor, offset: int = 0) -> Tensor:
         """(b, t, m) embeddings of positions offset .. offset + t - 1 -> (b, t, m)."""
@@ -159,7 +185,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_first: bool, eps: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -175,7 +201,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         c = config
         self.self_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
-        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.dropout, c.activation)
+        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.activation_dropout, c.activation)
         self.self_attention_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
         self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
 
@@ -234,7 +260,7 @@ class DecoderLayer(nn.Module):
             self.cross_attention_block = Residual(
                 c.d_model, c.dropout, c.norm_first, c.layer_norm_eps
             )
-        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.dropout, c.activation)
+        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.activation_dropout, c.activation)
         self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
 
     def forward(

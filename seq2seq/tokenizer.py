@@ -1,6 +1,322 @@
-"""Tokenizers: SentencePiece (BPE or unigram) and a character vocabulary, with fixed special ids."""
+"""Tokenizers: SentencePiece (BPE or unigram) and a character vocabulary, with fixed special ids.
+
+A :class:`Tokenizer` holds one model shared by source and target (``joint``) or one per side.
+Every kind reserves the same four special ids, so batches and search never need to ask:
+
+    PAD_ID=0  UNK_ID=1  BOS_ID=2  EOS_ID=3
+
+``encode_*`` return pieces only (no BOS/EOS); ``data.py`` adds them. ``decode_*`` drop PAD, BOS and
+EOS wherever they appear; callers truncate at the first EOS themselves. A saved tokenizer is a
+directory holding ``tokenizer.json`` plus ``spm.model`` (joint) or ``source.model`` and
+``target.model`` (SentencePiece), or just ``tokenizer.json`` (characters).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sentencepiece as spm
+
+if TYPE_CHECKING:
+    from seq2seq.config import DataConfig
 
 PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
+N_SPECIAL = 4
+SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+UNK_TEXT = "\u2047"  # what SentencePiece prints for an unknown piece
+_DROPPED_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+_META_FILE = "tokenizer.json"
+_FORMAT_VERSION = 1
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be trained or loaded; the message names the file or setting."""
+
+
+class CharVocab:
+    """One id per character (newline and space included); ids start after the specials."""
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        self.chars = sorted(set(chars))
+        if any(len(c) != 1 for c in self.chars):
+            raise TokenizerError("a character vocabulary holds single characters only")
+        self._ids = {c: i + N_SPECIAL for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return N_SPECIAL + len(self.chars)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [[self._ids.get(c, UNK_ID) for c in text] for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        chars = self.chars
+        out = []
+        for i in ids:
+            if i >= N_SPECIAL and i - N_SPECIAL < len(chars):
+                out.append(chars[i - N_SPECIAL])
+            elif i not in _DROPPED_IDS:
+                out.append(UNK_TEXT)
+        return "".join(out)
+
+
+class SentencePieceModel:
+    """A SentencePiece processor kept together with its serialized model (for saving)."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        self.model_proto = model_proto
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        for name, expected in SPECIAL_IDS.items():
+            actual = getattr(self.processor, f"{name}_id")()
+            if actual != expected:
+                raise TokenizerError(f"SentencePiece model has {name}_id={actual}, need {expected}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.processor.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        size = self.vocab_size
+        # A model may pad its vocabulary past ours; an id we never issued decodes as unknown.
+        kept = [i if i < size else UNK_ID for i in ids if i not in _DROPPED_IDS]
+        return self.processor.decode(kept)
+
+
+class Tokenizer:
+    """Source and target tokenization for one run.
+
+    Args:
+        kind: ``"bpe"``, ``"unigram"`` or ``"char"``.
+        source: the source-side model (also the target's when ``target`` is None).
+        target: the target-side model for separate vocabularies, else None (joint).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        source: SentencePieceModel | CharVocab,
+        target: SentencePieceModel | CharVocab | None = None,
+    ) -> None:
+        if kind not in ("bpe", "unigram", "char"):
+            raise TokenizerError(f"unknown tokenizer kind {kind!r}")
+        self.kind = kind
+        self.source = source
+        self.target = source if target is None else target
+
+    @property
+    def is_joint(self) -> bool:
+        return self.source is self.target
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.source.vocab_size
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The target vocabulary size (the only one for a decoder-only model)."""
+        return self.target.vocab_size
+
+    def encode_source(self, text: str) -> list[int]:
+        return self.source.encode([text])[0]
+
+    def encode_target(self, text: str) -> list[int]:
+        return self.target.encode([text])[0]
+
+    def encode_source_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.source.encode(list(texts))
+
+    def encode_target_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.target.encode(list(texts))
+
+    def decode_source(self, ids: Iterable[int]) -> str:
+        return self.source.decode(_as_ints(ids))
+
+    def decode_target(self, ids: Iterable[int]) -> str:
+        return self.target.decode(_as_ints(ids))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` and the model file(s) into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sides = {"source": self.source, "target": self.target}
+        names = {"source": "spm.model", "target": "spm.model"}
+        if not self.is_joint:
+            names = {"source": "source.model", "target": "target.model"}
+        meta: dict = {
+            "format_version": _FORMAT_VERSION,
+            "kind": self.kind,
+            "joint": self.is_joint,
+            "special_ids": SPECIAL_IDS,
+        }
+        for side, model in sides.items():
+            if isinstance(model, CharVocab):
+                meta[side] = {"vocab_size": model.vocab_size, "chars": model.chars}
+            else:
+                _write_atomic(directory / names[side], model.model_proto)
+                meta[side] = {"vocab_size": model.vocab_size, "model_file": names[side]}
+        text = json.dumps(meta, indent=1, ensure_ascii=True) + "\n"
+        _write_atomic(directory / _META_FILE, text.encode("utf-8"))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Read a tokenizer written by :meth:`save`.
+
+        Raises:
+            TokenizerError: the directory lacks the files or they do not fit together.
+        """
+        directory = Path(directory)
+        meta_path = directory / _META_FILE
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise TokenizerError(f"{meta_path}: no tokenizer here (file missing)") from error
+        except (OSError, ValueError) as error:
+            raise TokenizerError(f"{meta_path}: cannot read tokenizer metadata: {error}") from error
+        if meta.get("special_ids") != SPECIAL_IDS:
+            raise TokenizerError(
+                f"{meta_path}: special ids {meta.get('special_ids')} != {SPECIAL_IDS}"
+            )
+        if not all(isinstance(meta.get(key), dict) for key in ("source", "target")):
+            raise TokenizerError(f"{meta_path}: malformed metadata (no source/target entries)")
+        models = {}
+        for side in ("source", "target"):
+            entry = meta[side]
+            if meta["joint"] and side == "target":
+                models[side] = models["source"]
+                continue
+            if "chars" in entry:
+                models[side] = CharVocab(entry["chars"])
+                continue
+            path = directory / entry["model_file"]
+            try:
+                models[side] = SentencePieceModel(path.read_bytes())
+            except OSError as error:
+                raise TokenizerError(f"{path}: cannot read model: {error.strerror}") from error
+            except RuntimeError as error:
+                raise TokenizerError(f"{path}: not a SentencePiece model: {error}") from error
+        target = None if meta["joint"] else models["target"]
+        return cls(meta["kind"], models["source"], target)
+
+
+def train_tokenizer(
+    data: DataConfig,
+    source_texts: Iterable[str],
+    target_texts: Iterable[str] | None,
+    out_dir: str | Path,
+) -> Tokenizer:
+    """Train the tokenizer that ``data`` describes and save it into ``out_dir``.
+
+    With ``data.joint_vocab`` one model is trained on both sides; otherwise one per side. Without
+    target texts (a language model) one model is trained on ``source_texts``, taken to be the lines
+    of one text stream: it then keeps every space and adds no word-boundary marker at the start,
+    so that text encoded in pieces cut after a newline gives the same ids as encoded whole.
+    SentencePiece models always hold ``"\n"`` as a piece. The iterables are read once each.
+
+    Raises:
+        TokenizerError: SentencePiece rejected the settings, e.g. a vocabulary too large for
+            the text.
+    """
+    if target_texts is None:
+        tokenizer = Tokenizer(data.tokenizer, _train_one(data, source_texts, "joint", stream=True))
+    elif data.joint_vocab:
+        texts = _interleave(source_texts, target_texts)
+        tokenizer = Tokenizer(data.tokenizer, _train_one(data, texts, "joint"))
+    else:
+        source = _train_one(data, source_texts, "source")
+        tokenizer = Tokenizer(data.tokenizer, source, _train_one(data, target_texts, "target"))
+    tokenizer.save(out_dir)
+    return tokenizer
+
+
+def _train_one(
+    data: DataConfig, texts: Iterable[str], side: str, stream: bool = False
+) -> SentencePieceModel | CharVocab:
+    if data.tokenizer == "char":
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return CharVocab(chars)
+    reader = _CapturingIterator(texts)
+    model = io.BytesIO()
+    options = dict(
+        model_type=data.tokenizer,
+        vocab_size=data.vocab_size,
+        character_coverage=data.character_coverage,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        num_threads=max(1, data.num_workers),
+        max_sentence_length=1 << 16,  # bytes; long documents (summarization) are kept
+        minloglevel=2,
+        user_defined_symbols=["\n"],  # keeps line breaks (dialogues, poems) as a piece of their own
+    )
+    if stream:
+        # Language-model text is encoded in chunks cut after a newline; with every space kept and
+        # no dummy prefix, the ids do not depend on where the chunks were cut.
+        options.update(remove_extra_whitespaces=False, add_dummy_prefix=False)
+    if data.input_sentence_size > 0:
+        options.update(input_sentence_size=data.input_sentence_size, shuffle_input_sentence=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(reader), model_writer=model, **options
+        )
+    except RuntimeError as error:
+        if reader.error is not None:
+            raise reader.error from None
+        message = str(error).split("] ", 1)[-1].rstrip(".")
+        hint = ""
+        if "Vocabulary size" in message:
+            hint = " Set a smaller data.vocab_size for this corpus."
+        raise TokenizerError(
+            f"training the {side} SentencePiece model failed: {message}.{hint}"
+        ) from None
+    if reader.error is not None:
+        raise reader.error
+    return SentencePieceModel(model.getvalue())
+
+
+class _CapturingIterator:
+    """Keeps an exception raised while SentencePiece pulls text, which it would otherwise mangle."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.texts = texts
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.texts
+        except Exception as error:  # re-raised by _train_one once SentencePiece returns
+            self.error = error
+
+
+def _interleave(first: Iterable[str], second: Iterable[str]) -> Iterator[str]:
+    for pair in itertools.zip_longest(first, second):
+        yield from (text for text in pair if text is not None)
+
+
+def _as_ints(ids: Iterable[int]) -> list[int]:
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
