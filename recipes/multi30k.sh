@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Multi30k task 1 (Elliott et al. 2016) on CPU: German -> English by default, SRC=en TGT=de flips
+# it. A small Transformer (recipes/configs/multi30k.yaml) trains under a wall-clock budget with
+# bf16 autocast, the last checkpoints are averaged, test2016 (Flickr) is translated with beam
+# search and scored with sacreBLEU, cased and lower-cased.
+#
+#   DATA=../shared/data/multi30k bash recipes/multi30k.sh      # a local folder
+#   bash recipes/multi30k.sh                                   # the hub: bentrevett/multi30k
+#
+# Variables [defaults]:
+#   DATA         folder with {train,val,test_2016_flickr}.{de,en} (plain or .gz), or "hub";
+#                [$SEQ2SEQ_DATA/multi30k when SEQ2SEQ_DATA is set, else the hub]
+#   OUT          run directory [runs/multi30k_$SRC-$TGT]
+#   SRC, TGT     languages [de, en]
+#   MAX_MINUTES  training budget in minutes [25]
+#   AVERAGE      checkpoints to average [5]
+#   TEST_LINES   translate only the first N test sentences, 0 = all [0]
+#   OVERRIDES    extra section.key=value settings for prepare and train, e.g. "train.max_steps=300"
+#   STAGE        start at this stage and redo it and every later one [continue where it stopped]
+#   PYTHON       interpreter [the repository's .venv/bin/python, else python3]
+#
+# Leaves: $OUT/model (averaged model directory), $OUT/test.hyp (detokenized translations),
+# $OUT/scores.json (BLEU, chrF, TER with signatures), $OUT/scores.lc.json (lower-cased BLEU).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/tools/stages.sh"
+PY="$(default_python "$(dirname "$HERE")")"
+CONFIG="$HERE/configs/multi30k.yaml"
+
+SRC="${SRC:-de}"
+TGT="${TGT:-en}"
+OUT="${OUT:-runs/multi30k_$SRC-$TGT}"
+MAX_MINUTES="${MAX_MINUTES:-25}"
+AVERAGE="${AVERAGE:-5}"
+TEST_LINES="${TEST_LINES:-0}"
+read -r -a EXTRA <<< "${OVERRIDES:-}"
+if [[ -z "${DATA:-}" && -n "${SEQ2SEQ_DATA:-}" && -d "${SEQ2SEQ_DATA}/multi30k" ]]; then
+    DATA="$SEQ2SEQ_DATA/multi30k"
+fi
+DATA="${DATA:-hub}"
+
+if [[ "$DATA" == "hub" ]]; then
+    TEST_SPLIT=test
+    CORPUS=(data.format=hf data.path=bentrevett/multi30k data.src_field="$SRC"
+        data.tgt_field="$TGT" data.valid_split=validation data.test_split=test)
+else
+    TEST_SPLIT=test_2016_flickr
+    CORPUS=(data.format=text data.path="$DATA")
+fi
+SETTINGS=("${CORPUS[@]}" data.src_lang="$SRC" data.tgt_lang="$TGT" train.out_dir="$OUT")
+echo "multi30k: $SRC -> $TGT, data: $DATA, run directory: $OUT, budget: $MAX_MINUTES min"
+
+run_stage 0 prepare \
+    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+run_stage 1 train \
+    "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
+run_stage 2 average \
+    "$PY" -m seq2seq.checkpoint --out "$OUT/model" \
+    --last "$(checkpoints_up_to "$OUT" "$AVERAGE")" "$OUT"
+run_stage 3 test-text \
+    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split "$TEST_SPLIT" \
+    --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"
+run_stage 4 translate \
+    "$PY" -m seq2seq.translate --model "$OUT/model" --input "$OUT/test.src" --output "$OUT/test.hyp"
+run_stage 5 evaluate --stdout "$OUT/scores.json" \
+    "$PY" -m seq2seq.evaluate --hyp "$OUT/test.hyp" --ref "$OUT/test.ref" --metrics bleu,chrf,ter \
+    --json
+run_stage 6 evaluate-lowercase --stdout "$OUT/scores.lc.json" \
+    "$PY" -m seq2seq.evaluate --hyp "$OUT/test.hyp" --ref "$OUT/test.ref" --metrics bleu \
+    --lowercase --json

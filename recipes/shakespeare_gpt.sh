@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPT mode: a character-level decoder-only Transformer on tiny Shakespeare
+# (recipes/configs/shakespeare_gpt.yaml, nanoGPT's CPU setting). Prints the validation loss
+# while training, the held-out perplexity of the final model, and a sample.
+#
+#   SEQ2SEQ_DATA=../shared/data bash recipes/shakespeare_gpt.sh
+#   OVERRIDES="model.preset=gpt_shakespeare model.max_positions=256 data.block_size=256 \
+#     data.batch_size=64 train.max_steps=5000" bash recipes/shakespeare_gpt.sh   # GPU-sized
+#
+# Variables [defaults]:
+#   DATA         folder with input.txt [$SEQ2SEQ_DATA/tinyshakespeare]
+#   OUT          run directory [runs/shakespeare_gpt]
+#   MAX_MINUTES  training budget in minutes, 0 = none [0: the config's 2,000 updates]
+#   PROMPT       text the sample starts from [ROMEO:]
+#   OVERRIDES, STAGE, PYTHON   as in recipes/multi30k.sh
+#
+# Leaves: $OUT/model (the last checkpoint as a model directory), $OUT/valid.txt (held-out text),
+# $OUT/scores.json (its perplexity), $OUT/sample.txt.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/tools/stages.sh"
+PY="$(default_python "$(dirname "$HERE")")"
+CONFIG="$HERE/configs/shakespeare_gpt.yaml"
+
+if [[ -z "${DATA:-}" ]]; then
+    DATA="${SEQ2SEQ_DATA:?set DATA (folder with input.txt) or SEQ2SEQ_DATA}/tinyshakespeare"
+fi
+OUT="${OUT:-runs/shakespeare_gpt}"
+MAX_MINUTES="${MAX_MINUTES:-0}"
+PROMPT="${PROMPT:-ROMEO:}"
+read -r -a EXTRA <<< "${OVERRIDES:-}"
+SETTINGS=(data.path="$DATA/input.txt" train.out_dir="$OUT")
+echo "shakespeare_gpt: data: $DATA/input.txt, run directory: $OUT"
+
+run_stage 0 prepare \
+    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+run_stage 1 train \
+    "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
+run_stage 2 model \
+    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last 1 "$OUT"
+run_stage 3 valid-text \
+    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" --split valid \
+    --source "$OUT/valid.txt"
+run_stage 4 perplexity --stdout "$OUT/scores.json" \
+    "$PY" -m seq2seq.evaluate --model "$OUT/model" --text "$OUT/valid.txt" --json
+run_stage 5 sample --stdout "$OUT/sample.txt" \
+    "$PY" -m seq2seq.sample --model "$OUT/model" --prompt "$PROMPT" --seed 1

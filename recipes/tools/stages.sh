@@ -1,0 +1,78 @@
+# Stage runner shared by the recipes (sourced, not run). Wiring only: every stage is one command.
+#
+#   run_stage N NAME [--stdout FILE] COMMAND [ARG ...]
+#
+# echoes the command, runs it, and records "$OUT/.stages/N.done". A stage already done is skipped,
+# so running a recipe again continues where it stopped. STAGE=n starts at stage n and runs it and
+# every later stage again, done or not. With --stdout, the command's standard output is shown and
+# written to FILE (via FILE.tmp, renamed only when the command succeeds).
+
+STAGE="${STAGE:-}"
+
+# OpenMP threads that spin while waiting collapse when the cores are shared with other processes
+# (measured here: a training update 6x slower with two busy neighbours); passive waiting costs
+# little on an idle machine.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+
+run_stage() {
+    local n="$1" name="$2" stdout=""
+    shift 2
+    if [[ "${1:-}" == "--stdout" ]]; then
+        stdout="$2"
+        shift 2
+    fi
+    if [[ -n "$STAGE" ]] && ((n < STAGE)); then
+        echo "=== stage $n ($name): skipped (STAGE=$STAGE)"
+        return 0
+    fi
+    if [[ -z "$STAGE" && -e "$OUT/.stages/$n.done" ]]; then
+        echo "=== stage $n ($name): done already ($OUT/.stages/$n.done; STAGE=$n redoes it)"
+        return 0
+    fi
+    echo "=== stage $n ($name)"
+    if [[ -n "$stdout" ]]; then
+        echo "+ $(shell_words "$@") > $(shell_words "$stdout")"
+        "$@" | tee "$stdout.tmp"
+        mv "$stdout.tmp" "$stdout"
+    else
+        echo "+ $(shell_words "$@")"
+        "$@"
+    fi
+    mkdir -p "$OUT/.stages"
+    touch "$OUT/.stages/$n.done"
+}
+
+# The arguments as one line that a shell reads back the same (quoted only where needed).
+shell_words() {
+    local word words=()
+    for word in "$@"; do
+        if [[ "$word" =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then
+            words+=("$word")
+        elif [[ "$word" != *"'"* ]]; then
+            words+=("'$word'")
+        else
+            words+=("$(printf '%q' "$word")")
+        fi
+    done
+    echo "${words[*]}"
+}
+
+# min(K, checkpoints saved under RUN_DIR): a run cut short by its time budget may have saved fewer
+# than the recipe averages. (Workaround until `seq2seq average --last K` takes up to K itself.)
+checkpoints_up_to() {
+    local run_dir="$1" k="$2" n
+    n=$(find "$run_dir/checkpoints" -mindepth 1 -maxdepth 1 -type d -regex '.*/step_[0-9]+' | wc -l)
+    echo $((n < k ? n : k))
+}
+
+# The interpreter the recipes call: $PYTHON, else the repository's .venv, else python3.
+default_python() {
+    local root="$1"
+    if [[ -n "${PYTHON:-}" ]]; then
+        echo "$PYTHON"
+    elif [[ -x "$root/.venv/bin/python" ]]; then
+        echo "$root/.venv/bin/python"
+    else
+        echo python3
+    fi
+}

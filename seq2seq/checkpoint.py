@@ -1,0 +1,438 @@
+"""Self-contained checkpoint directories: atomic writes, checksums, resume lookup, averaging.
+
+A *model directory* holds everything needed to decode, and a *training checkpoint* adds what is
+needed to resume exactly::
+
+    model.safetensors    the unwrapped module's weights (a tied matrix is stored once)
+    config.yaml          the full RunConfig, with format_version
+    tokenizer/           Tokenizer.save output
+    trainer_state.pt     optimizer, scheduler, scaler, counters, RNG states (training only);
+                         tensors and plain containers only, so torch.load(weights_only=True) reads it
+    checksums.json       sha256 of every other file
+
+A directory is written under ``<name>.tmp-XXXX`` next to its final place, fsynced and renamed, so a
+crash mid-write never leaves a half-written ``<name>``. A run keeps ``<out_dir>/checkpoints/step_<n>/``
+plus the pointer files ``last`` and ``best`` (each holds a directory name).
+
+    seq2seq average --out runs/m30k/avg --last 5 runs/m30k
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
+
+from seq2seq.config import FORMAT_VERSION, ConfigError, RunConfig, config_from_dict, save_config
+from seq2seq.model import build_model
+from seq2seq.tokenizer import Tokenizer, TokenizerError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"
+TRAINER_STATE = "trainer_state.pt"
+CHECKSUMS = "checksums.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt or incompatible; the message names the path."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    config: RunConfig,
+    tokenizer: Tokenizer,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory (plus ``trainer_state.pt`` when given) atomically.
+
+    Args:
+        directory: final location; replaced if it exists.
+        model: the model, possibly wrapped; its unwrapped state dict is saved.
+        config: the run's full configuration.
+        tokenizer: saved into ``tokenizer/``.
+        trainer_state: resume state (plain containers of tensors/numbers/strings) or None.
+
+    Returns:
+        The directory path.
+    """
+
+    def write(tmp: Path) -> None:
+        metadata = {"format_version": str(FORMAT_VERSION)}
+        save_safetensors_model(unwrap_model(model), str(tmp / WEIGHTS), metadata=metadata)
+        save_config(config, tmp / CONFIG)
+        tokenizer.save(tmp / TOKENIZER)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+
+    return _write_atomically(Path(directory), write)
+
+
+def _write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
+        write(tmp)
+        checksums = {name: _sha256(tmp / name) for name in _files(tmp)}
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
+        for name in [*checksums, CHECKSUMS]:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        old = None
+        if directory.exists():  # a directory cannot be renamed over a non-empty one
+            old = Path(tempfile.mkdtemp(prefix=f"{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+        os.replace(tmp, directory)
+        _fsync(directory.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _files(root: Path) -> list[str]:
+    """Relative POSIX paths of every regular file under ``root``, checksum file excluded."""
+    names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return sorted(name for name in names if name != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """Recompute every file's sha256 against ``checksums.json``.
+
+    Raises:
+        CheckpointError: the checksum file or a listed file is missing, or a digest differs.
+    """
+    directory = Path(directory)
+    listing = directory / CHECKSUMS
+    try:
+        expected = json.loads(listing.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{listing}: cannot read checksums: {error}") from error
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file listed in {CHECKSUMS} is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: sha256 does not match {CHECKSUMS} (corrupt file)")
+
+
+def load_config_file(directory: str | Path) -> RunConfig:
+    """The RunConfig stored in a checkpoint directory.
+
+    Raises:
+        CheckpointError: unreadable file or a format_version newer than this code.
+    """
+    path = Path(directory) / CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path}: cannot read config: {error}") from error
+    version = raw.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is newer than this code ({FORMAT_VERSION})"
+        )
+    try:
+        return config_from_dict(raw)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> None:
+    """Copy ``model.safetensors`` into ``model`` (strict: every key must match).
+
+    Raises:
+        CheckpointError: missing file or mismatching keys/shapes.
+    """
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file is missing")
+    try:
+        load_safetensors_model(unwrap_model(model), str(path), strict=True)
+    except (RuntimeError, OSError) as error:
+        raise CheckpointError(f"{path}: cannot load weights: {error}") from error
+
+
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Tokenizer, RunConfig]:
+    """Rebuild the model from ``config.yaml``, load its weights and tokenizer, after checksums.
+
+    Args:
+        directory: a model directory or training checkpoint.
+        device: where the model's parameters go.
+
+    Returns:
+        ``(model, tokenizer, config)`` with the model in eval mode.
+
+    Raises:
+        CheckpointError: a missing or corrupt file (named in the message).
+    """
+    directory = Path(directory)
+    verify_checksums(directory)
+    config = load_config_file(directory)
+    try:
+        tokenizer = Tokenizer.load(directory / TOKENIZER)
+    except TokenizerError as error:
+        raise CheckpointError(str(error)) from error
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model.to(device)
+    load_weights(model, directory)
+    return model.eval(), tokenizer, config
+
+
+def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """``trainer_state.pt`` read with ``weights_only=True`` (no code runs from the file).
+
+    Raises:
+        CheckpointError: the file is missing or cannot be unpickled safely.
+    """
+    path = Path(directory) / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot load trainer state: {error}") from error
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def step_dirs(out_dir: str | Path) -> list[Path]:
+    """``<out_dir>/checkpoints/step_<n>`` directories, oldest first (temp dirs never match)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found) if path.is_dir()]
+
+
+def read_pointer(out_dir: str | Path, name: str) -> Path | None:
+    """The checkpoint that ``<out_dir>/checkpoints/<name>`` (``last`` or ``best``) points to."""
+    pointer = Path(out_dir) / "checkpoints" / name
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text().strip()
+    return target if target.is_dir() else None
+
+
+def write_pointer(out_dir: str | Path, name: str, target: Path) -> None:
+    """Atomically point ``<out_dir>/checkpoints/<name>`` at ``target`` (a sibling directory)."""
+    pointer = Path(out_dir) / "checkpoints" / name
+    tmp = pointer.with_name(f"{name}.tmp-{os.getpid()}")
+    tmp.write_text(target.name + "\n")
+    _fsync(tmp)
+    os.replace(tmp, pointer)
+
+
+def save_training_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    config: RunConfig,
+    tokenizer: Tokenizer,
+    trainer_state: dict[str, Any],
+    is_best: bool = False,
+    keep_last: int = 0,
+) -> Path:
+    """Save ``step_<step>``, move the ``last`` (and ``best``) pointers, prune old checkpoints.
+
+    Args:
+        keep_last: keep this many newest step directories (0 keeps all); ``best`` always stays.
+    """
+    directory = save_checkpoint(
+        Path(out_dir) / "checkpoints" / f"step_{step}", model, config, tokenizer, trainer_state
+    )
+    write_pointer(out_dir, "last", directory)
+    if is_best:
+        write_pointer(out_dir, "best", directory)
+    if keep_last > 0:
+        best = read_pointer(out_dir, "best")
+        for old in step_dirs(out_dir)[:-keep_last]:
+            if best is None or old.resolve() != best.resolve():
+                shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def find_resume_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest training checkpoint whose files all match their checksums, or None.
+
+    Corrupt or incomplete checkpoints are skipped with a warning naming the path.
+    """
+    for directory in reversed(step_dirs(out_dir)):
+        try:
+            verify_checksums(directory)
+            if not (directory / TRAINER_STATE).is_file():
+                raise CheckpointError(f"{directory / TRAINER_STATE}: missing")
+        except CheckpointError as error:
+            warnings.warn(f"skipping checkpoint {directory}: {error}", stacklevel=2)
+            continue
+        return directory
+    return None
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as tensors and plain containers."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- averaging
+
+
+def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Element-wise mean of several checkpoints' weights, written as a model directory.
+
+    Accumulates in float32 and casts back to each tensor's stored dtype. Config and tokenizer come
+    from the first directory; no trainer state is written.
+
+    Raises:
+        CheckpointError: no inputs, a corrupt input, or inputs with different tensors.
+    """
+    directories = [Path(d) for d in directories]
+    if not directories:
+        raise CheckpointError("average: no checkpoint directories given")
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for directory in directories:
+        verify_checksums(directory)
+        weights = load_file(str(directory / WEIGHTS))
+        if total and (
+            set(weights) != set(total) or any(weights[k].shape != total[k].shape for k in total)
+        ):
+            raise CheckpointError(f"{directory / WEIGHTS}: tensors differ from {directories[0]}")
+        for name, tensor in weights.items():
+            dtypes.setdefault(name, tensor.dtype)
+            if name in total:
+                total[name] += tensor.float()
+            else:
+                total[name] = tensor.float().clone()
+    with safe_open(str(directories[0] / WEIGHTS), framework="pt") as handle:
+        metadata = handle.metadata()
+    averaged = {name: (t / len(directories)).to(dtypes[name]) for name, t in total.items()}
+    first = directories[0]
+
+    def write(tmp: Path) -> None:
+        save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
+        shutil.copy2(first / CONFIG, tmp / CONFIG)
+        shutil.copytree(first / TOKENIZER, tmp / TOKENIZER)
+
+    return _write_atomically(Path(out_dir), write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``seq2seq average --out DIR (CKPT_DIR ... | --last K RUN_DIR)``."""
+    parser = argparse.ArgumentParser(
+        prog="seq2seq average", description="Average checkpoint weights into a model directory."
+    )
+    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument(
+        "--last", type=int, default=0, metavar="K", help="average RUN_DIR's K newest checkpoints"
+    )
+    parser.add_argument("paths", nargs="+", help="checkpoint directories, or one RUN_DIR")
+    args = parser.parse_args(argv)
+    if args.last:
+        if len(args.paths) != 1:
+            parser.error("--last K takes exactly one RUN_DIR")
+        directories = step_dirs(args.paths[0])[-args.last :]
+        if len(directories) < args.last:
+            parser.error(
+                f"{args.paths[0]}: only {len(directories)} checkpoints, asked for {args.last}"
+            )
+    else:
+        directories = [Path(p) for p in args.paths]
+    try:
+        out = average_checkpoints(directories, args.out)
+    except CheckpointError as error:
+        print(f"seq2seq average: {error}", file=sys.stderr)
+        return 1
+    print(f"averaged {len(directories)} checkpoints -> {out}")
+    for directory in directories:
+        print(f"  {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Data parallelism from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK), no framework.
+
+A plain ``python -m seq2seq.train`` run is world size 1 and never touches ``torch.distributed``.
+Under ``torchrun --nproc_per_node N`` each process joins an NCCL group (CUDA) or a gloo group (CPU).
+All state lives in ``torch.distributed`` itself; this module keeps no globals.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job and which device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` -> ``cuda:<local_rank>``; else as given.
+
+    Raises:
+        RuntimeError: CUDA was asked for but is not available.
+    """
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(preference)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={preference!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device_preference: str = "auto") -> DistInfo:
+    """Read torchrun's environment, pick the device and join the process group when world > 1.
+
+    Args:
+        device_preference: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``train.device``).
+
+    Returns:
+        This process's :class:`DistInfo`.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def is_main() -> bool:
+    """True on rank 0, and in any process that is not part of a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(values: torch.Tensor | list[float]) -> torch.Tensor | list[float]:
+    """Sum over ranks: a tensor is reduced in place and returned; a list of floats comes back.
+
+    Floats travel as float64 so token counts and loss sums stay exact well past 2**24.
+    """
+    if isinstance(values, torch.Tensor):
+        if dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if _uses_nccl() else None
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's ``value`` in rank order (``[value]`` outside a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _uses_nccl() -> bool:
+    return dist.get_backend() == "nccl"

@@ -1,0 +1,155 @@
+"""Text generation from a decoder-only GPT model directory, with the KV cache.
+
+    seq2seq sample --model runs/shakespeare [--prompt "ROMEO:"] [--max-new-tokens 500]
+                   [--temperature 0.8] [--top-k 200] [--top-p 0.95] [--seed 1]
+
+The prompt comes from ``--prompt`` or else from stdin; an empty prompt starts from a newline (the
+language-model stream has no BOS) or, if the vocabulary has no newline, from BOS. The model never
+sees more than ``max_positions`` tokens: when the context would overflow, decoding restarts (a
+fresh cache) from the last ``max_positions // 2`` tokens, so generation can run past the model's
+length. Prints the prompt followed by the continuation; a fixed ``--seed`` gives the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import torch
+
+from seq2seq.config import ConfigError, DecodeConfig
+from seq2seq.search import GPTDecoder, sample
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+
+# The language-model stream is raw text: padding, BOS and EOS never occur in it.
+NEVER_SAMPLED = (PAD_ID, BOS_ID, EOS_ID)
+
+
+class SampleError(ValueError):
+    """Unusable model directory or settings."""
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: torch.nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> list[int]:
+    """Continue ``prompt`` (at least one id) by ``max_new_tokens`` ids, never PAD/BOS/EOS; see
+    the module docstring for how the context is windowed."""
+    if not prompt:
+        raise SampleError("the prompt needs at least one token")
+    limit = model.config.max_positions
+    tokens = list(prompt)
+    start = max(0, len(tokens) - limit)
+    was_training = model.training
+    model.eval()
+    try:
+        while len(tokens) - len(prompt) < max_new_tokens:
+            if len(tokens) - start > limit:
+                start = len(tokens) - limit // 2
+            window = torch.tensor([tokens[start:]], device=device)
+            # The window's last token plus n - 1 sampled ones are fed: len(window) - 1 + n <= limit.
+            n = min(max_new_tokens - (len(tokens) - len(prompt)), limit - window.size(1) + 1)
+            decoder = GPTDecoder(model, window)
+            new = sample(
+                decoder, window[:, -1], n, temperature, top_k, top_p, generator,
+                blocked_ids=NEVER_SAMPLED,
+            )  # fmt: skip
+            tokens += new[0]
+    finally:
+        model.train(was_training)
+    return tokens[len(prompt) :]
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    decode: DecodeConfig,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+) -> str:
+    """The prompt (as the tokenizer reads it back) followed by ``decode.max_new_tokens`` sampled
+    tokens, using ``decode``'s temperature, top-k and top-p."""
+    prompt_ids = tokenizer.encode_target(prompt) if prompt else []
+    seed_ids = prompt_ids or start_ids(tokenizer)
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # nondeterministic, leaves the global RNG alone
+    else:
+        generator.manual_seed(seed)
+    new = generate_ids(
+        model, seed_ids, decode.max_new_tokens, decode.temperature, decode.top_k, decode.top_p,
+        generator, device,
+    )  # fmt: skip
+    return tokenizer.decode_target(prompt_ids + new)
+
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt starts from: a newline if the vocabulary has one, else BOS."""
+    ids = tokenizer.encode_target("\n")
+    return ids if ids and UNK_ID not in ids else [BOS_ID]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seq2seq sample", description="Generate text from a GPT model directory."
+    )
+    p.add_argument("--model", required=True, help="model directory of a GPT (arch: gpt)")
+    p.add_argument("--prompt", help="text to continue (default: read stdin)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate")
+    p.add_argument("--temperature", type=float, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, help="keep the k most probable tokens (0 = all)")
+    p.add_argument("--top-p", type=float, help="nucleus: keep the smallest set with mass >= p")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from seq2seq.checkpoint import CheckpointError, load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, tokenizer, config = load_model(args.model, device=device)
+        if config.model.arch != "gpt":
+            raise SampleError(f"{args.model}: not a GPT model; use seq2seq translate")
+        names = [f.name for f in dataclasses.fields(DecodeConfig)]
+        overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        decode = dataclasses.replace(config.decode, **overrides)
+        decode.validate()
+        if decode.temperature < 0 or decode.max_new_tokens < 0:
+            raise SampleError("--temperature and --max-new-tokens must be >= 0")
+    except (CheckpointError, ConfigError, SampleError) as error:
+        print(f"seq2seq sample: error: {error}", file=sys.stderr)
+        return 1
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    print(
+        f"sample: {args.model} on {device}, seed {args.seed}: max_new_tokens="
+        f"{decode.max_new_tokens} temperature={decode.temperature} top_k={decode.top_k} "
+        f"top_p={decode.top_p}",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    text = generate(model, tokenizer, prompt, decode, args.seed, device)
+    seconds = time.perf_counter() - start
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    rate = decode.max_new_tokens / seconds if seconds else 0.0
+    print(f"sample: {decode.max_new_tokens} tokens in {seconds:.2f} s ({rate:.1f} tokens/s)",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Checkpoint directories: round trip, atomic writes, checksums, resume lookup, averaging, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seq2seq import checkpoint
+from seq2seq.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    capture_rng_state,
+    find_resume_checkpoint,
+    load_model,
+    load_trainer_state,
+    read_pointer,
+    restore_rng_state,
+    save_checkpoint,
+    save_training_checkpoint,
+    step_dirs,
+)
+from seq2seq.config import ModelConfig, RunConfig, TrainConfig
+from seq2seq.model import build_model
+from seq2seq.tokenizer import CharVocab, Tokenizer
+
+
+def _config(**model) -> RunConfig:
+    shape = dict(d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1)
+    return RunConfig(model=ModelConfig(**{**shape, **model}), train=TrainConfig(out_dir="unused"))
+
+
+def _tokenizer() -> Tokenizer:
+    return Tokenizer("char", CharVocab("abcdefgh "))
+
+
+def _model(config: RunConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    vocab = _tokenizer().vocab_size
+    return build_model(config.model, vocab, vocab)
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "rng": capture_rng_state(), "best": 1.5}
+
+
+def test_round_trip_restores_weights_tokenizer_and_config(tmp_path):
+    config = _config(share_embeddings=True)
+    model = _model(config)
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # as torch.compile wraps it: the prefix must not reach disk
+    save_checkpoint(tmp_path / "ckpt", wrapped, config, _tokenizer(), _state(7))
+    names = set(load_file(str(tmp_path / "ckpt" / "model.safetensors")))
+    assert not any(n.startswith(("_orig_mod.", "module.")) for n in names)
+    loaded, tokenizer, loaded_config = load_model(tmp_path / "ckpt")
+    assert loaded_config == config
+    assert tokenizer.encode_source("bad cafe") == _tokenizer().encode_source("bad cafe")
+    original = model.state_dict()
+    restored = loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    # Tied matrices stay one tensor after loading.
+    assert loaded.source_embedding is loaded.target_embedding
+    assert not loaded.training
+    state = load_trainer_state(tmp_path / "ckpt")
+    assert state["step"] == 7 and state["best"] == 1.5
+
+
+def test_corrupt_or_missing_file_is_named(tmp_path):
+    config = _config()
+    directory = save_checkpoint(tmp_path / "ckpt", _model(config), config, _tokenizer())
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors.*corrupt"):
+        load_model(directory)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors.*missing"):
+        load_model(directory)
+
+
+def test_crash_mid_write_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
+    config = _config()
+    model = _model(config)
+    out = tmp_path / "run"
+    first = save_training_checkpoint(out, 1, model, config, _tokenizer(), _state(1))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_training_checkpoint(out, 2, model, config, _tokenizer(), _state(2))
+    monkeypatch.undo()
+    assert step_dirs(out) == [first]
+    assert read_pointer(out, "last") == first
+    assert not [p for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name]
+    # A temp directory left by a killed process (no cleanup ran) is never taken for a checkpoint.
+    (out / "checkpoints" / "step_9.tmp-abcd").mkdir()
+    (out / "checkpoints" / "step_9.tmp-abcd" / "model.safetensors").write_bytes(b"partial")
+    assert find_resume_checkpoint(out) == first
+    assert load_trainer_state(first)["step"] == 1
+
+
+def test_resume_falls_back_past_corrupt_checkpoint(tmp_path):
+    config = _config()
+    model = _model(config)
+    out = tmp_path / "run"
+    for step in (10, 20, 30):
+        save_training_checkpoint(out, step, model, config, _tokenizer(), _state(step))
+    newest = out / "checkpoints" / "step_30" / "trainer_state.pt"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    (out / "checkpoints" / "step_20" / "checksums.json").unlink()
+    with pytest.warns(UserWarning) as record:
+        found = find_resume_checkpoint(out)
+    assert found == out / "checkpoints" / "step_10"
+    messages = " ".join(str(w.message) for w in record)
+    assert "step_30" in messages and "step_20" in messages
+    assert find_resume_checkpoint(tmp_path / "empty") is None
+
+
+def test_keep_last_prunes_but_never_best(tmp_path):
+    config = _config()
+    model = _model(config)
+    out = tmp_path / "run"
+    for step in range(1, 6):
+        save_training_checkpoint(
+            out, step, model, config, _tokenizer(), _state(step), is_best=step == 2, keep_last=2
+        )
+    assert [p.name for p in step_dirs(out)] == ["step_2", "step_4", "step_5"]
+    assert read_pointer(out, "best").name == "step_2"
+    assert read_pointer(out, "last").name == "step_5"
+
+
+def test_saving_over_an_existing_directory_replaces_it(tmp_path):
+    config = _config()
+    save_checkpoint(tmp_path / "m", _model(config, seed=1), config, _tokenizer(), _state(1))
+    save_checkpoint(tmp_path / "m", _model(config, seed=2), config, _tokenizer())
+    assert not (tmp_path / "m" / "trainer_state.pt").exists()
+    listed = json.loads((tmp_path / "m" / "checksums.json").read_text())
+    assert "trainer_state.pt" not in listed and "tokenizer/tokenizer.json" in listed
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_average_equals_mean_of_weights(tmp_path):
+    config = _config()
+    models = [_model(config, seed=s) for s in range(3)]
+    dirs = [
+        save_checkpoint(tmp_path / f"c{i}", m, config, _tokenizer()) for i, m in enumerate(models)
+    ]
+    average_checkpoints(dirs, tmp_path / "avg")
+    averaged, tokenizer, loaded_config = load_model(tmp_path / "avg")
+    assert loaded_config == config and tokenizer.vocab_size == _tokenizer().vocab_size
+    states = [m.state_dict() for m in models]
+    for name, tensor in averaged.state_dict().items():
+        expected = (states[0][name] + states[1][name] + states[2][name]) / 3
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
+    assert not (tmp_path / "avg" / "trainer_state.pt").exists()
+
+
+def test_average_cli_last_k(tmp_path, capsys):
+    config = _config()
+    out = tmp_path / "run"
+    models = [_model(config, seed=s) for s in range(3)]
+    for step, model in enumerate(models, start=1):
+        save_training_checkpoint(out, step * 100, model, config, _tokenizer(), _state(step))
+    assert checkpoint.main(["--out", str(tmp_path / "avg"), "--last", "2", str(out)]) == 0
+    assert "step_200" in capsys.readouterr().out
+    averaged, _, _ = load_model(tmp_path / "avg")
+    weights = dict(averaged.named_parameters())
+    name = next(n for n in weights if weights[n].dim() == 2 and "embedding" not in n)
+    expected = (models[1].state_dict()[name] + models[2].state_dict()[name]) / 2
+    torch.testing.assert_close(weights[name].detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    torch.save({"rng": capture_rng_state()}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(5)
+    restore_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert expected[0] == again[0] and expected[1] == again[1]
+    assert torch.equal(expected[2], again[2])
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    config = _config()
+    directory = save_checkpoint(tmp_path / "ckpt", _model(config), config, _tokenizer())
+    text = (directory / "config.yaml").read_text()
+    (directory / "config.yaml").write_text(text.replace("format_version: 1", "format_version: 99"))
+    with pytest.raises(CheckpointError, match="config.yaml: format_version 99 is newer"):
+        checkpoint.load_config_file(directory)

@@ -1,0 +1,88 @@
+"""Learning-rate schedules (formula, peak, resume) and optimizer parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq.config import ConfigError, TrainConfig
+from seq2seq.optim import (
+    build_optimizer,
+    build_scheduler,
+    constant,
+    cosine,
+    inverse_sqrt,
+    noam,
+)
+
+
+@pytest.mark.parametrize("step", [1, 10, 399, 400, 401, 4000, 100_000])
+def test_noam_formula(step):
+    d_model, warmup = 512, 400
+    expected = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+    assert noam(step, d_model, warmup) == pytest.approx(expected, rel=1e-12)
+
+
+def test_noam_peaks_at_warmup():
+    d_model, warmup = 512, 4000
+    values = [noam(s, d_model, warmup) for s in range(1, 3 * warmup)]
+    assert max(range(len(values)), key=values.__getitem__) + 1 == warmup
+    assert noam(warmup, d_model, warmup) == pytest.approx(d_model**-0.5 * warmup**-0.5)
+    assert noam(warmup, d_model, warmup) == pytest.approx(7.0e-4, rel=0.01)  # paper's peak
+
+
+def test_inverse_sqrt_constant_and_cosine_shapes():
+    assert inverse_sqrt(50, 100) == pytest.approx(0.5)
+    assert inverse_sqrt(100, 100) == pytest.approx(1.0)
+    assert inverse_sqrt(400, 100) == pytest.approx(0.5)
+    assert constant(25, 100) == pytest.approx(0.25)
+    assert constant(1000, 100) == 1.0 and constant(3, 0) == 1.0
+    assert cosine(10, 10, 110) == pytest.approx(1.0)
+    assert cosine(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def _model():
+    return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+
+
+def test_scheduler_rate_per_update_and_resume():
+    train = TrainConfig(lr=2.0, warmup_steps=10, lr_schedule="noam")
+    model = _model()
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, d_model=64, max_steps=100)
+    rates = []
+    for _ in range(15):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate this update runs with
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([2.0 * noam(u, 64, 10) for u in range(1, 16)])
+    # Resume order as in train.py: optimizer state (holds the current lr), then scheduler counter.
+    fresh_optimizer = build_optimizer(model, train)
+    fresh = build_scheduler(fresh_optimizer, train, d_model=64, max_steps=100)
+    fresh_optimizer.load_state_dict(optimizer.state_dict())
+    fresh.load_state_dict(scheduler.state_dict())
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * noam(16, 64, 10))
+    fresh_optimizer.step()
+    fresh.step()
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * noam(17, 64, 10))
+
+
+def test_cosine_needs_max_steps():
+    train = TrainConfig(lr=1e-3, lr_schedule="cosine")
+    with pytest.raises(ConfigError, match="max_steps"):
+        build_scheduler(build_optimizer(_model(), train), train, d_model=8, max_steps=0)
+
+
+def test_optimizer_settings_and_weight_decay_groups():
+    model = _model()
+    plain = build_optimizer(model, TrainConfig(adam_betas=(0.9, 0.98), adam_eps=1e-9))
+    assert type(plain) is torch.optim.Adam
+    assert plain.defaults["betas"] == (0.9, 0.98) and plain.defaults["eps"] == 1e-9
+    decayed = build_optimizer(model, TrainConfig(weight_decay=0.01))
+    assert type(decayed) is torch.optim.AdamW
+    by_decay = {g["weight_decay"]: g["params"] for g in decayed.param_groups}
+    assert {tuple(p.shape) for p in by_decay[0.01]} == {(10, 8), (8, 8)}
+    assert all(p.dim() == 1 for p in by_decay[0.0]) and len(by_decay[0.0]) == 3
