@@ -232,15 +232,22 @@ class DecoderState:
     memory_mask: Tensor | None = None
     length: int = 0
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (b',), in that order: follows beams and drops finished rows."""
+    def reorder(self, index: Tensor, self_attention_only: bool = False) -> None:
+        """Keep batch rows ``index`` (b',), in that order: follows beams and drops finished rows.
+
+        With ``self_attention_only`` the cross-attention keys/values and memory mask are left as
+        they are, which is valid when every kept row still belongs to the same source sentence.
+        """
+        names = ("self_key", "self_value")
+        if not self_attention_only:
+            names += ("cross_key", "cross_value")
+            if self.memory_mask is not None:
+                self.memory_mask = self.memory_mask.index_select(0, index)
         for cache in self.layers:
-            for name in ("self_key", "self_value", "cross_key", "cross_value"):
+            for name in names:
                 tensor = getattr(cache, name)
                 if tensor is not None:
                     setattr(cache, name, tensor.index_select(0, index))
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, index)
 
 
 class DecoderLayer(nn.Module):
