@@ -11,8 +11,15 @@ needed to resume exactly::
     checksums.json       sha256 of every other file
 
 A directory is written under ``<name>.tmp-XXXX`` next to its final place, fsynced and renamed, so a
-crash mid-write never leaves a half-written ``<name>``. A run keeps ``<out_dir>/checkpoints/step_<n>/``
-plus the pointer files ``last`` and ``best`` (each holds a directory name).
+crash mid-write never leaves a half-written ``<name>``; pruning renames a directory away before
+deleting it, so a kill mid-delete leaves no half-deleted ``step_<n>`` either (such leftovers are
+removed by the next save). A run keeps ``<out_dir>/checkpoints/step_<n>/`` plus the pointer files
+``last`` and ``best`` (each holds a directory name). Weights with a NaN or Inf are never saved, and
+``trainer_state.pt`` is read with ``weights_only=True``, so a planted pickle payload runs no code.
+
+Test hook: with ``SEQ2SEQ_TEST_PAUSE_MID_WRITE=<seconds>`` in the environment, every directory write
+prints ``checkpoint: paused mid-write <tmp dir>`` and sleeps after its files are written and before
+the checksums and the rename, so that a test can kill the process at exactly that point.
 
     seq2seq average --out runs/m30k/avg --last 5 runs/m30k
 """
@@ -23,11 +30,13 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +61,8 @@ TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^step_\d+\.(tmp|old|del)-")  # what a killed save or prune leaves behind
+PAUSE_MID_WRITE = "SEQ2SEQ_TEST_PAUSE_MID_WRITE"
 
 
 class CheckpointError(RuntimeError):
@@ -90,7 +101,15 @@ def save_checkpoint(
 
     Returns:
         The directory path.
+
+    Raises:
+        CheckpointError: a weight holds NaN or Inf (nothing is written).
     """
+    bad = [k for k, v in unwrap_model(model).state_dict().items() if not v.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"{directory}: refusing to save non-finite (NaN/Inf) weights: {', '.join(bad[:5])}"
+        )
 
     def write(tmp: Path) -> None:
         metadata = {"format_version": str(FORMAT_VERSION)}
@@ -109,6 +128,9 @@ def _write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
         write(tmp)
+        if os.environ.get(PAUSE_MID_WRITE):
+            print(f"checkpoint: paused mid-write {tmp}", flush=True)
+            time.sleep(float(os.environ[PAUSE_MID_WRITE]))
         checksums = {name: _sha256(tmp / name) for name in _files(tmp)}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
         for name in [*checksums, CHECKSUMS]:
@@ -246,11 +268,18 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any]:
     """``trainer_state.pt`` read with ``weights_only=True`` (no code runs from the file).
 
     Raises:
-        CheckpointError: the file is missing or cannot be unpickled safely.
+        CheckpointError: the file is missing, truncated, or holds objects other than tensors and
+            plain containers (e.g. a pickle payload that would run code; it is not run).
     """
     path = Path(directory) / TRAINER_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused: holds objects that weights_only=True does not allow (untrusted "
+            f"pickle content, not executed): {first_line}"
+        ) from error
     except (OSError, RuntimeError, EOFError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot load trainer state: {error}") from error
 
@@ -300,9 +329,11 @@ def save_training_checkpoint(
     Args:
         keep_last: keep this many newest step directories (0 keeps all); ``best`` always stays.
     """
-    directory = save_checkpoint(
-        Path(out_dir) / "checkpoints" / f"step_{step}", model, config, tokenizer, trainer_state
-    )
+    root = Path(out_dir) / "checkpoints"
+    if root.is_dir():  # one writer per run: leftovers are from a killed save or prune
+        for stale in [p for p in root.iterdir() if _LEFTOVER.match(p.name)]:
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = save_checkpoint(root / f"step_{step}", model, config, tokenizer, trainer_state)
     write_pointer(out_dir, "last", directory)
     if is_best:
         write_pointer(out_dir, "best", directory)
@@ -310,7 +341,9 @@ def save_training_checkpoint(
         best = read_pointer(out_dir, "best")
         for old in step_dirs(out_dir)[:-keep_last]:
             if best is None or old.resolve() != best.resolve():
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = Path(tempfile.mkdtemp(prefix=f"{old.name}.del-", dir=root))
+                os.replace(old, doomed / old.name)  # atomic: step_<n> is whole or gone
+                shutil.rmtree(doomed, ignore_errors=True)
     return directory
 
 

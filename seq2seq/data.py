@@ -15,8 +15,9 @@ A prepared directory holds::
     {split}.tgt.bin / .idx  and int64 offsets, n_examples + 1 of them
     {split}.lm.bin          language modelling: the split's whole id stream
 
-Every split is filtered the same way: an example with an empty side, or whose source (with EOS)
-or target (with BOS) is longer than ``max_source_len``/``max_target_len``, is dropped and counted.
+Every split is filtered the same way: an example with an empty side is dropped, and one whose
+source (with EOS) or target (with BOS) is longer than ``max_source_len``/``max_target_len`` is
+dropped, or cut to fit with ``data.truncate``; both are counted and reported.
 The ``hf`` format takes a ``datasets`` name or a local folder of data files named by split (e.g.
 ``train.jsonl``, ``validation.jsonl``: ``datasets`` calls that split ``validation``).
 """
@@ -126,9 +127,7 @@ def _iter_jsonl(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}:{n}: invalid JSON: {error.msg} (column {error.colno})"
-            ) from None
+            raise DataError(f"{path}:{n}: invalid JSON: {error.msg} (col {error.colno})") from None
         where = f"{path}:{n}"
         yield _field(record, data.src_field, where), _field(record, data.tgt_field, where)
 
@@ -281,28 +280,29 @@ def _split_ready(out: Path, manifest: dict[str, Any], split: str) -> bool:
 def _binarize(data: DataConfig, split: str, out: Path, dtype: np.dtype) -> dict[str, Any]:
     chunks = _chunks(read_parallel(data, split), _CHUNK_EXAMPLES)
     parts: dict[str, tuple[list, list]] = {"src": ([], []), "tgt": ([], [])}  # ids, lengths
-    dropped_empty = dropped_long = seen = 0
+    n_empty = n_long = seen = 0
+    limits = (data.max_source_len - 1, data.max_target_len - 1)  # room for EOS / BOS
     with tqdm(desc=f"encode {split}", unit=" ex", file=sys.stderr, disable=None) as progress:
         for encoded in _encode(chunks, out / TOKENIZER_DIR, data):
             (_, src_len), (_, tgt_len) = encoded
             empty = (src_len == 0) | (tgt_len == 0)
-            too_long = (src_len + 1 > data.max_source_len) | (tgt_len + 1 > data.max_target_len)
-            too_long &= ~empty
-            keep = ~(empty | too_long)
-            for side, (ids, lengths) in zip(parts, encoded):
-                parts[side][0].append(ids[np.repeat(keep, lengths)].astype(dtype))
-                parts[side][1].append(lengths[keep])
-            dropped_empty, dropped_long = dropped_empty + empty.sum(), dropped_long + too_long.sum()
-            seen += len(keep)
+            too_long = ((src_len > limits[0]) | (tgt_len > limits[1])) & ~empty
+            keep = ~(empty | (too_long & (not data.truncate)))
+            for side, (ids, lengths), limit in zip(parts, encoded, limits):
+                within = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+                mask = np.repeat(keep, lengths) & (within < limit)
+                parts[side][0].append(ids[mask].astype(dtype))
+                parts[side][1].append(np.minimum(lengths, limit)[keep])
+            n_empty, n_long, seen = n_empty + empty.sum(), n_long + too_long.sum(), seen + len(keep)
             progress.update(len(keep))
-    kept = int(seen - dropped_empty - dropped_long)
+    kept = int(seen - n_empty - (0 if data.truncate else n_long))
     if kept == 0:
         raise DataError(f"{data.path}: split {split!r}: no examples left of {seen} after filtering")
-    stats = {"examples": kept, "dropped_empty": int(dropped_empty)}
-    stats["dropped_too_long"] = int(dropped_long)
+    stats = {"examples": kept, "dropped_empty": int(n_empty)}
+    stats["truncated" if data.truncate else "dropped_too_long"] = int(n_long)
     print(
-        f"prepare: {split}: kept {kept} of {seen} examples; dropped {dropped_empty} with an empty "
-        f"side and {dropped_long} longer than {data.max_source_len} source / "
+        f"prepare: {split}: kept {kept} of {seen} examples; dropped {n_empty} with an empty side "
+        f"and {'truncated ' * data.truncate}{n_long} longer than {data.max_source_len} source / "
         f"{data.max_target_len} target tokens (EOS or BOS included)"
     )
     for side, (ids, lengths) in parts.items():

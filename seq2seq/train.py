@@ -19,6 +19,16 @@ A decoder-only run (``model.arch=gpt``, ``data.format=lm``) draws random blocks 
 Training stops at ``max_steps``, ``max_epochs``, ``max_minutes``, after ``patience`` evaluations
 without improvement, or on SIGINT/SIGTERM (the update in flight is finished and saved first).
 Losses are reported per target token in nats; ``ppl = exp(nll)``.
+
+Faults: an update whose loss is NaN/Inf is skipped and counted (under fp16 the grad scaler also
+lowers its scale), and ``MAX_NONFINITE_IN_A_ROW`` of them stop the run. A
+``torch.OutOfMemoryError`` in a forward/backward skips that update (gradients zeroed, CUDA cache
+emptied, a warning printed) and ``MAX_OOM_IN_A_ROW`` of them stop the run; with several processes
+an OOM is re-raised, since the other ranks would wait forever in the gradient all-reduce.
+``train.deterministic=true`` turns on ``torch.use_deterministic_algorithms``, sets
+``cudnn.deterministic`` (and turns ``cudnn.benchmark`` off) and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+(which cuBLAS needs for reproducible matmuls on GPU); on CPU the same seed and config give
+bit-identical weights without it.
 """
 
 from __future__ import annotations
@@ -72,7 +82,7 @@ from seq2seq.search import TransformerDecoder, greedy
 from seq2seq.tokenizer import PAD_ID, Tokenizer, TokenizerError
 
 MAX_NONFINITE_IN_A_ROW = 5
-LM_EVAL_BATCHES = 20  # fixed validation batches for a language model
+MAX_OOM_IN_A_ROW = 3
 BLEU_BATCH_SENTENCES = 64
 
 
@@ -81,7 +91,7 @@ def train(config: RunConfig) -> dict[str, float]:
 
     Returns:
         Final metrics: ``step``, ``epoch``, ``train_loss``, ``valid_loss``, ``valid_nll``,
-        ``valid_ppl``, ``best``, ``bleu`` (when evaluated), ``nonfinite_updates``.
+        ``valid_ppl``, ``best``, ``bleu`` (when evaluated), ``nonfinite_updates``, ``oom_skipped``.
     """
     info = distributed.setup(config.train.device)
     try:
@@ -101,6 +111,8 @@ def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for that
     torch.use_deterministic_algorithms(tc.deterministic)
+    torch.backends.cudnn.deterministic = tc.deterministic
+    torch.backends.cudnn.benchmark = False
     _seed_everything(tc.seed + info.rank)
     out_dir = Path(tc.out_dir)
     log = print if info.is_main else (lambda *args, **kwargs: None)
@@ -172,6 +184,7 @@ def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
     window = {"loss": 0.0, "nll": 0.0, "tokens": 0.0, "time": start, "updates": 0}
     metrics: dict[str, float] = {}
     nonfinite, nonfinite_in_a_row, logged_loss = 0, 0, math.nan
+    oom_skipped, oom_in_a_row = 0, 0
     stop = _finished(state, tc)  # a resumed run may already be complete
     params, keep = list(model.parameters()), tc.keep_last
     try:
@@ -182,17 +195,39 @@ def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
             net.train()
             loss_sum = torch.zeros((), device=device)
             nll_sum = torch.zeros((), device=device)
-            for i, batch in enumerate(batches):
-                batch = batch.to(device)
-                # Gradients are all-reduced only after the last micro-batch of the update.
-                last = i == len(batches) - 1
-                with net.no_sync() if info.world_size > 1 and not last else nullcontext():
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = _forward(net, batch)
-                        loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                nll_sum += nll.detach()
+            try:
+                for i, batch in enumerate(batches):
+                    batch = batch.to(device)
+                    # Gradients are all-reduced only after the last micro-batch of the update.
+                    last = i == len(batches) - 1
+                    with net.no_sync() if info.world_size > 1 and not last else nullcontext():
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                            logits = _forward(net, batch)
+                            loss, nll, _ = label_smoothed_nll(
+                                logits, batch.tgt_out, tc.label_smoothing
+                            )
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                    nll_sum += nll.detach()
+            except torch.OutOfMemoryError:
+                if info.world_size > 1:
+                    raise
+                logits = loss = nll = None  # free the graph before retrying with the next batch
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                oom_skipped, oom_in_a_row = oom_skipped + 1, oom_in_a_row + 1
+                shape = tuple(batch.tgt_in.shape)
+                print(
+                    f"warning: update {state['step'] + 1}: out of memory (target batch {shape}); "
+                    f"update skipped ({oom_skipped} so far); consider lowering data.max_tokens",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if oom_in_a_row >= MAX_OOM_IN_A_ROW:
+                    stop = f"{oom_in_a_row} out-of-memory errors in a row"
+                continue
+            oom_in_a_row = 0
             n_tokens = sum(batch.n_tgt_tokens for batch in batches)
             time_up = tc.max_minutes > 0 and time.monotonic() - start > tc.max_minutes * 60
             stop_vote = float(stop_signal.is_set() or time_up)
@@ -260,6 +295,7 @@ def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
         "train_loss": window["loss"] / window["tokens"] if window["tokens"] else logged_loss,
         "best": state["best"],
         "nonfinite_updates": nonfinite,
+        "oom_skipped": oom_skipped,
         **metrics,
     }
 
@@ -334,7 +370,7 @@ def _validate(
     model.eval()
     data, seed = config.data, config.train.seed
     if isinstance(corpus, LMCorpus):
-        batches = lm_eval_batches(corpus, data.block_size, data.batch_size, LM_EVAL_BATCHES, seed)
+        batches = lm_eval_batches(corpus, data.block_size, data.batch_size, data.eval_batches, seed)
     else:
         batches = [collate(corpus, i) for i in batch_indices(corpus, data.max_tokens, seed, 0)]
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.precision]

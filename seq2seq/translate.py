@@ -96,7 +96,7 @@ def translate_nbest(
         stats.truncated += sum(len(ids) > limit for ids in sources)
         sources = [ids[:limit] + [EOS_ID] for ids in sources]
         for batch in token_batches([len(ids) for ids in sources], decode.batch_tokens):
-            hyps = translate_ids(model, [sources[j] for j in batch], decode, device, bf16)
+            hyps = _translate_halving(model, [sources[j] for j in batch], decode, device, bf16)
             for j, nbest in zip(batch, hyps):
                 results[todo[j]] = [
                     (clean_line(tokenizer.decode_target(h.tokens)), h.score) for h in nbest
@@ -111,6 +111,32 @@ def translate_nbest(
             f"warning: {stats.truncated} input line(s) longer than {limit} source tokens were "
             f"truncated to fit the model's max_positions={limit + 1}",
             file=sys.stderr,
+        )
+
+
+def _translate_halving(
+    model: torch.nn.Module,
+    sources: list[list[int]],
+    decode: DecodeConfig,
+    device: str | torch.device,
+    bf16: bool,
+) -> list[list[Hypothesis]]:
+    """``translate_ids``, retried on halves of the batch while the device runs out of memory."""
+    try:
+        return translate_ids(model, sources, decode, device, bf16)
+    except torch.OutOfMemoryError:
+        if len(sources) == 1:
+            raise
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(sources) // 2
+        print(
+            f"warning: out of memory on a batch of {len(sources)} sentences; retrying as "
+            f"{half} + {len(sources) - half}",
+            file=sys.stderr,
+        )
+        return _translate_halving(model, sources[:half], decode, device, bf16) + (
+            _translate_halving(model, sources[half:], decode, device, bf16)
         )
 
 

@@ -175,3 +175,29 @@ def test_token_batches_and_clean_line():
     assert token_batches(lengths, batch_tokens=1) == [[2], [5], [0], [3], [4], [1]]
     assert clean_line("a\nb\r\nc\u2028d") == "a b  c d"
     assert DecodeConfig().beam_size == 4  # defaults come from the config, not from this module
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(loaded, monkeypatch, capsys):
+    import seq2seq.translate as translate_module
+
+    model, tokenizer, config = loaded
+    expected = list(translate_lines(model, tokenizer, LINES, config.decode))
+    real = translate_module.translate_ids
+    sizes = []
+
+    def fails_above_two(model, sources, *args):
+        sizes.append(len(sources))
+        if len(sources) > 2:
+            raise torch.OutOfMemoryError("scripted: batch too large")
+        return real(model, sources, *args)
+
+    monkeypatch.setattr(translate_module, "translate_ids", fails_above_two)
+    assert list(translate_lines(model, tokenizer, LINES, config.decode)) == expected
+    assert max(sizes) > 2 and "out of memory on a batch" in capsys.readouterr().err
+
+    def always_fails(model, sources, *args):
+        raise torch.OutOfMemoryError("scripted: nothing fits")
+
+    monkeypatch.setattr(translate_module, "translate_ids", always_fails)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(translate_lines(model, tokenizer, LINES, config.decode))
