@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         lines = ["usage: seq2seq SUBCOMMAND [ARGS ...]", "", "subcommands:"]
         lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
-        print("\n".join(lines), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        print(
+            "\n".join(lines),
+            file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr,
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nseq2seq: unknown subcommand {argv[0]!r}", file=sys.stderr)
             return 2

@@ -27,7 +27,9 @@ def test_defaults_are_the_paper_base_model():
 
 def test_yaml_preset_and_overrides(tmp_path):
     path = write(tmp_path, "model:\n  preset: transformer_big\n  dropout: 0.2\ntrain:\n  lr: 2\n")
-    config = load_config(path, ["train.max_steps=7", "train.adam_eps=1e-8", "data.joint_vocab=true"])
+    config = load_config(
+        path, ["train.max_steps=7", "train.adam_eps=1e-8", "data.joint_vocab=true"]
+    )
     assert config.model.d_model == 1024 and config.model.n_heads == 16
     assert config.model.dropout == 0.2  # explicit key wins over the preset
     assert config.train.lr == 2.0 and isinstance(config.train.lr, float)
