@@ -128,6 +128,32 @@ def run_hf(marian, sources, batches, beam: int, alpha: float, max_len: int, bf16
     return outputs, time.perf_counter() - start
 
 
+@torch.inference_mode()
+def sequence_log_prob(model, source: list[int], tokens: list[int]) -> float:
+    """Teacher-forced log-probability of ``tokens + [EOS]`` given ``source`` (float32)."""
+    src = torch.tensor([source])
+    tgt_in = torch.tensor([[BOS_ID, *tokens]])
+    log_probs = torch.log_softmax(model(src, tgt_in).float(), dim=-1)
+    return float(log_probs[0].gather(-1, torch.tensor([*tokens, EOS_ID])[:, None]).sum())
+
+
+def explain_differences(model, sources, ours, theirs, max_len: int) -> dict[str, int]:
+    """Classify differing outputs by which one the model scores higher (the alpha=0 objective)."""
+    counts = {"ours_higher": 0, "hf_higher": 0, "tie": 0, "at_max_len": 0}
+    was_training = model.training
+    model.eval()
+    for source, a, b in zip(sources, ours, theirs):
+        if a == b:
+            continue
+        if max(len(a), len(b)) + 1 >= max_len:
+            counts["at_max_len"] += 1
+        gap = sequence_log_prob(model, source, a) - sequence_log_prob(model, source, b)
+        key = "tie" if abs(gap) < 1e-4 else "ours_higher" if gap > 0 else "hf_higher"
+        counts[key] += 1
+    model.train(was_training)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model directory (default: train a quick one, cached)")
@@ -147,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = harness.data_root(args.data)
-    model_dir = Path(args.model) if args.model else quick_model(root, args.train_minutes, args.train_threads)
+    model_dir = (
+        Path(args.model)
+        if args.model
+        else quick_model(root, args.train_minutes, args.train_threads)
+    )
     torch.set_num_threads(args.threads)
     info = harness.machine()
     print(f"machine: {json.dumps(info)}\nmodel: {model_dir}", flush=True)
@@ -191,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 ours, theirs = best["ours"][0], best["hf"][0]
                 row["ratio"] = f"{row['ours_sent_s'] / row['hf_sent_s']:.2f}x"
                 row["differ"] = sum(a != b for a, b in zip(ours, theirs))
+                if row["differ"]:
+                    why = explain_differences(model, sources, ours, theirs, args.max_len)
+                    print(f"beam {beam} {precision}: differing outputs, fp32 rescoring: {why}")
+                    row["why"] = why
             rows.append(row)
             results.append({**row, "load": round(harness.load_average(), 2)})
 

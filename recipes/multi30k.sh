@@ -16,6 +16,7 @@
 #   AVERAGE      checkpoints to average [5]
 #   TEST_LINES   translate only the first N test sentences, 0 = all [0]
 #   OVERRIDES    extra section.key=value settings for prepare and train, e.g. "train.max_steps=300"
+#   CONFIG       run config [recipes/configs/multi30k.yaml; quickstart.sh: multi30k_quick.yaml]
 #   STAGE        start at this stage and redo it and every later one [continue where it stopped]
 #   PYTHON       interpreter [the repository's .venv/bin/python, else python3]
 #
@@ -25,7 +26,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/tools/stages.sh"
 PY="$(default_python "$(dirname "$HERE")")"
-CONFIG="$HERE/configs/multi30k.yaml"
+CONFIG="${CONFIG:-$HERE/configs/multi30k.yaml}"
 
 SRC="${SRC:-de}"
 TGT="${TGT:-en}"

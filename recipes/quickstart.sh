@@ -6,9 +6,10 @@
 #
 # Data, first that applies: $DATA (a Multi30k-style folder), $SEQ2SEQ_DATA/multi30k, the hub's
 # bentrevett/multi30k when it answers within seconds, else a small German-English corpus generated
-# here (recipes/tools/make_toy_corpus.py). The run itself is recipes/multi30k.sh; its variables
-# (OUT, MAX_MINUTES, OVERRIDES, TEST_LINES, STAGE) apply. Defaults: OUT=runs/quickstart,
-# MAX_MINUTES=5. PYTHON=... uses that interpreter as it is, without installing anything.
+# here (recipes/tools/make_toy_corpus.py). The run itself is recipes/multi30k.sh with
+# recipes/configs/multi30k_quick.yaml; its variables (OUT, MAX_MINUTES, AVERAGE, OVERRIDES,
+# TEST_LINES, STAGE) apply. Defaults: OUT=runs/quickstart, MAX_MINUTES=5, AVERAGE=3.
+# PYTHON=... uses that interpreter as it is, without installing anything.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
@@ -33,8 +34,10 @@ export PYTHON
 
 export OUT="${OUT:-runs/quickstart}"
 export MAX_MINUTES="${MAX_MINUTES:-5}"
-# A few minutes allow a few hundred updates: warm up faster and save often enough to average.
-QUICK="train.warmup_steps=200 train.eval_every=100 train.save_every=100"
+export AVERAGE="${AVERAGE:-3}"
+# A 2+2-layer, d_model 128 model that learns something in a few CPU minutes.
+export CONFIG="${CONFIG:-$HERE/configs/multi30k_quick.yaml}"
+EXTRA=""
 if [[ -n "${DATA:-}" ]]; then
     echo "quickstart: data: $DATA (from DATA)"
 elif [[ -n "${SEQ2SEQ_DATA:-}" && -d "$SEQ2SEQ_DATA/multi30k" ]]; then
@@ -50,11 +53,10 @@ else
     echo "quickstart: not Multi30k's)"
     echo "+ $PYTHON $HERE/tools/make_toy_corpus.py $DATA"
     "$PYTHON" "$HERE/tools/make_toy_corpus.py" "$DATA"
-    QUICK="$QUICK data.vocab_size=1000"
+    EXTRA="data.vocab_size=1000"  # ~150 word types: SentencePiece cannot make 3,000 pieces
 fi
 export DATA
-export OVERRIDES="$QUICK ${OVERRIDES:-}"
-export AVERAGE="${AVERAGE:-3}"
+export OVERRIDES="$EXTRA ${OVERRIDES:-}"
 
 bash "$HERE/multi30k.sh"
 echo "quickstart: model in $OUT/model, translations in $OUT/test.hyp"

@@ -16,7 +16,10 @@
 #   OUT          run directory [runs/wmt_en_de_base, or runs/wmt_en_de_big]
 #   BIG          1: transformer_big (recipes/configs/wmt_en_de_big.yaml) [0]
 #   NGPU         processes (GPUs) per node [every visible GPU: torch.cuda.device_count()]
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun rendezvous [1 node]
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun rendezvous [1 node]; run
+#                the script on every node; each prepares the data into its own OUT (with a
+#                shared OUT, start the others once node 0 has finished stage 0); only node 0
+#                goes on after training
 #   PRECISION    bf16 or fp16 [bf16]
 #   TOKENS_PER_UPDATE  source (and target) tokens per update, padding included [25000]
 #   GPU_TOKENS   most tokens in one GPU batch [8192]; update_freq makes up the rest
@@ -89,6 +92,10 @@ run_stage 0 prepare \
 run_stage 1 train \
     "$PY" -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node "$NGPU" -m seq2seq.train \
     "$CONFIG" "${SETTINGS[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
+if ((NNODES > 1 && NODE_RANK > 0)); then
+    echo "wmt_en_de: node $NODE_RANK is done; node 0 averages, translates and scores"
+    exit 0
+fi
 run_stage 2 average \
     "$PY" -m seq2seq.checkpoint --out "$OUT/model" \
     --last "$(checkpoints_up_to "$OUT" "$AVERAGE")" "$OUT"

@@ -86,13 +86,12 @@ def test_module_map_lists_every_module_and_recipes_exist():
 
 @pytest.mark.slow
 def test_quick_start_runs_offline_on_a_tiny_budget(tmp_path):
-    """No Multi30k and no hub: the generated corpus, a tiny model, 100 updates, 100 sentences."""
+    """No Multi30k and no hub: the generated corpus, a small model, 60 updates, 50 sentences."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATA", "SEQ2SEQ_DATA")}
     env.update(PYTHON=sys.executable, HF_HUB_OFFLINE="1", OUT=str(tmp_path / "qs"))
-    env.update(MAX_MINUTES="10", TEST_LINES="100")
+    env.update(MAX_MINUTES="10", TEST_LINES="50")
     env["OVERRIDES"] = (
-        "model.preset=transformer_tiny model.d_model=128 model.d_ff=256 data.max_tokens=2048 "
-        "train.max_steps=100 train.warmup_steps=50 train.lr=0.003 train.log_every=50"
+        "train.max_steps=60 train.eval_every=30 train.save_every=30 train.log_every=30"
     )
     result = subprocess.run(
         ["bash", str(ROOT / "recipes" / "quickstart.sh")],
@@ -106,10 +105,12 @@ def test_quick_start_runs_offline_on_a_tiny_budget(tmp_path):
     assert re.search(r"quickstart: cased: BLEU = [\d.]+ .*\(nrefs:1\|case:mixed", result.stdout)
     assert re.search(r"quickstart: lower-cased: BLEU = [\d.]+ .*case:lc", result.stdout)
     out = tmp_path / "qs"
-    assert len((out / "test.hyp").read_text().splitlines()) == 100
+    assert len((out / "test.hyp").read_text().splitlines()) == 50
+    assert "averaged 2 checkpoints" in result.stdout
     bleu = json.loads((out / "scores.json").read_text())["bleu"]["score"]
     assert bleu > QUICKSTART_TOY_BLEU_FLOOR
 
 
-# Measured: MEASURED_QS_TEST on the generated corpus after 100 updates (an untrained model: 0).
-QUICKSTART_TOY_BLEU_FLOOR = 10.0
+# The generated corpus is easy: a d_model 128 model measured BLEU 99.7 after 100 updates (2 busy
+# cores, 3 min 40 s); an untrained model scores ~0.
+QUICKSTART_TOY_BLEU_FLOOR = 30.0

@@ -55,14 +55,17 @@ def test_recipes_exist_and_are_strict_bash():
         text = path.read_text()
         assert "set -euo pipefail" in text, path
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
-        assert "/work/" not in text and "shared/data" not in text.replace(
-            "../shared/data", ""
-        ), f"{path}: a hard-coded data path"
+        assert "/work/" not in text and "shared/data" not in text.replace("../shared/data", ""), (
+            f"{path}: a hard-coded data path"
+        )
         if path.name != "quickstart.sh":
             assert 'source "$HERE/tools/stages.sh"' in text, path
             # every command a stage runs is a seq2seq module or a recipe tool
             for command in re.findall(r"run_stage \d+ \S+(?: --stdout \S+)? \\\n\s+(.*)", text):
-                assert re.search(r'"\$PY" (-m seq2seq\.\w+|-m torch\.distributed\.run|"\$HERE/tools/\w+\.py")', command), command
+                assert re.search(
+                    r'"\$PY" (-m seq2seq\.\w+|-m torch\.distributed\.run|"\$HERE/tools/\w+\.py")',
+                    command,
+                ), command
 
 
 def test_every_recipe_config_exists_and_loads():
@@ -109,7 +112,9 @@ def test_checkpoints_up_to_counts_step_directories(tmp_path):
     for name in ("step_100", "step_200", "step_300.tmp-x1", "last"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     script = f'source "{TOOLS}/stages.sh"; checkpoints_up_to "$1" 5; checkpoints_up_to "$1" 1'
-    result = subprocess.run(["bash", "-c", script, "x", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "-c", script, "x", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.stdout.split() == ["2", "1"]
 
 
@@ -186,7 +191,10 @@ def test_export_split_lm_held_out_text_is_what_training_validates_on(tmp_path):
     config_path = RECIPES / "configs" / "shakespeare_gpt.yaml"
     prepared = prepare(load_config(config_path, overrides))
     held_out = tmp_path / "valid.txt"
-    assert export_split.main([str(config_path), *overrides, "--split", "x", "--source", str(held_out)]) == 0
+    assert (
+        export_split.main([str(config_path), *overrides, "--split", "x", "--source", str(held_out)])
+        == 0
+    )
     tokenizer = Tokenizer.load(prepared / "tokenizer")
     valid = LMCorpus(prepared, "val")
     assert tokenizer.decode_target(np.asarray(valid.ids).tolist()) == held_out.read_text()
@@ -197,7 +205,10 @@ def test_dialogsum_layout(tmp_path):
 
     source = tmp_path / "src"
     source.mkdir()
-    dev = [{"fname": f"dev_{i}", "dialogue": f"#P1#: {i}\n#P2#: ok", "summary": f"s{i}"} for i in range(6)]
+    dev = [
+        {"fname": f"dev_{i}", "dialogue": f"#P1#: {i}\n#P2#: ok", "summary": f"s{i}"}
+        for i in range(6)
+    ]
     test = [{"dialogue": "#P1#: a\n#P2#: b", **{f"summary{k}": f"r{k}" for k in (1, 2, 3)}}]
     for name, rows in (("dev", dev), ("test", test)):
         text = "".join(json.dumps(row) + "\n" for row in rows)
@@ -222,7 +233,9 @@ def test_paper_bleu_splits_compounds_like_tensor2tensor():
     hyps = ["Das 3-D-Kino ist groß.", "Ein Kind-Spiel."]
     refs = ["Das 3-D-Kino ist klein.", "Ein Kinder-Spiel."]
     result = paper_bleu.paper_bleu(hyps, refs)
-    split = lambda lines: [paper_bleu.split_compounds(paper_bleu.TOKENIZERS["13a"]()(x)) for x in lines]
+    split = lambda lines: [
+        paper_bleu.split_compounds(paper_bleu.TOKENIZERS["13a"]()(x)) for x in lines
+    ]
     expected = sacrebleu.corpus_bleu(split(hyps), [split(refs)], tokenize="none", force=True)
     assert result["score"] == pytest.approx(expected.score)
     assert result["score"] > sacrebleu.corpus_bleu(hyps, [refs]).score  # hyphen pieces now match
@@ -242,13 +255,11 @@ def test_hub_check_answers_offline_quickly(monkeypatch):
 
 # ------------------------------------------------------------------------------ end to end
 
-# A shortened multi30k.sh: a 2+2-layer, d_model 128 model, 3k BPE, 300 updates of 2,048 tokens,
-# the first 300 test sentences. Measured on 2 busy CPU cores: lower-cased BLEU MEASURED_M30K.
-M30K_OVERRIDES = (
-    "model.d_model=128 model.d_ff=512 model.n_encoder_layers=2 model.n_decoder_layers=2 "
-    "data.vocab_size=3000 data.max_tokens=2048 train.max_steps=300 train.warmup_steps=100 "
-    "train.lr=0.003 train.eval_every=100 train.save_every=100 train.log_every=50"
-)
+# multi30k.sh with the quick start's config (a 2+2-layer, d_model 128 model, 3k BPE, 2,048-token
+# batches) cut to 300 updates and the first 300 test sentences. Measured (2 CPU cores shared, load
+# ~6, 4 min 16 s): valid loss 5.14 -> 3.99, BLEU 9.95 cased / 10.12 lower-cased; untrained: ~0.
+M30K_CONFIG = RECIPES / "configs" / "multi30k_quick.yaml"
+M30K_OVERRIDES = "train.max_steps=300"
 M30K_BLEU_FLOOR = 5.0
 M30K_VALID_LOSS_CEILING = 5.0
 
@@ -257,7 +268,7 @@ M30K_VALID_LOSS_CEILING = 5.0
 def test_multi30k_recipe_end_to_end(shared_data, tmp_path):
     out = tmp_path / "m30k"
     env = {"DATA": str(shared_data / "multi30k"), "OUT": str(out), "MAX_MINUTES": "15"}
-    env.update(AVERAGE="3", TEST_LINES="300", OVERRIDES=M30K_OVERRIDES)
+    env.update(CONFIG=str(M30K_CONFIG), AVERAGE="3", TEST_LINES="300", OVERRIDES=M30K_OVERRIDES)
     result = run_bash(RECIPES / "multi30k.sh", env, 900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for n, name in enumerate(["prepare", "train", "average", "test-text", "translate"]):
@@ -279,9 +290,13 @@ def test_multi30k_recipe_end_to_end(shared_data, tmp_path):
     assert again.returncode == 0 and again.stdout.count("done already") == 7
 
 
-# The config's nanoGPT CPU setting cut to 300 updates; measured valid loss MEASURED_GPT.
-GPT_OVERRIDES = "train.max_steps=300 train.eval_every=100 train.save_every=100 train.log_every=100"
-GPT_PERPLEXITY_CEILING = 9.0
+# The config's nanoGPT CPU setting cut to 300 updates and 200 sampled characters. Measured: held-out
+# perplexity 11.07 (valid loss 2.405; a unigram character model scores about 27, uniform 69).
+GPT_OVERRIDES = (
+    "train.max_steps=300 train.eval_every=100 train.save_every=100 train.log_every=100 "
+    "decode.max_new_tokens=200"
+)
+GPT_PERPLEXITY_CEILING = 15.0
 
 
 @pytest.mark.slow
@@ -294,7 +309,42 @@ def test_shakespeare_gpt_recipe(shared_data, tmp_path):
     losses = [float(x) for x in re.findall(r"\| valid \| valid_loss ([\d.]+)", result.stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0]
     perplexity = json.loads((out / "scores.json").read_text())["perplexity"]
-    assert perplexity["perplexity"] < GPT_PERPLEXITY_CEILING  # 65 characters: uniform is 65
-    assert abs(np.log(perplexity["perplexity"]) - losses[-1]) < 0.15  # same held-out text
+    assert perplexity["perplexity"] < GPT_PERPLEXITY_CEILING
+    assert abs(np.log(perplexity["perplexity"]) - losses[-1]) < 0.1  # the same held-out text
     sample = (out / "sample.txt").read_text()
-    assert sample.startswith("JULIET:") and len(sample) > 200
+    assert sample.startswith("JULIET:") and len(sample) >= len("JULIET:") + 150
+
+
+@pytest.mark.slow
+def test_wmt_recipe_runs_through_torchrun_on_a_local_folder(tmp_path):
+    """The GPU recipe's wiring on CPU: a WMT-layout folder (generated text), one torchrun
+    process, update_freq 2, averaging, beam 4, sacreBLEU and the paper-style BLEU."""
+    toy = tmp_path / "toy"
+    make_toy_corpus.main([str(toy), "--train", "1000", "--valid", "50", "--test", "20"])
+    data = tmp_path / "wmt"
+    data.mkdir()
+    for old, new in (
+        ("train", "train"),
+        ("val", "newstest2013"),
+        ("test_2016_flickr", "newstest2014"),
+    ):
+        for lang in ("en", "de"):
+            (data / f"{new}.{lang}").write_bytes((toy / f"{old}.{lang}").read_bytes())
+    env = {"DATA": str(data), "OUT": str(tmp_path / "run"), "NGPU": "1", "MAX_STEPS": "10"}
+    env.update(TOKENS_PER_UPDATE="2048", GPU_TOKENS="1024", TEST_LINES="20")
+    env["OVERRIDES"] = (
+        "model.preset=transformer_tiny data.vocab_size=300 data.input_sentence_size=0 "
+        "data.num_workers=1 train.eval_every=5 train.save_every=5 train.log_every=5"
+    )
+    result = run_bash(RECIPES / "wmt_en_de.sh", env, 600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 processes x max_tokens 1024 x update_freq 2 = 2048" in result.stdout
+    assert (
+        "-m torch.distributed.run --standalone --nproc_per_node 1 -m seq2seq.train" in result.stdout
+    )
+    assert "averaged 2 checkpoints" in result.stdout and "--beam 4 --lenpen 0.6" in result.stdout
+    sacre = json.loads((tmp_path / "run" / "scores.json").read_text())
+    paper = json.loads((tmp_path / "run" / "scores.paper.json").read_text())
+    assert "tok:13a" in sacre["bleu"]["signature"]
+    assert "compound-split:##AT##" in paper["bleu_tokenized_compound_split"]["signature"]
+    assert len((tmp_path / "run" / "test.hyp").read_text().splitlines()) == 20

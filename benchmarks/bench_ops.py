@@ -1,0 +1,218 @@
+"""Micro-benchmarks behind the design choices and proposals in RESULTS.md (forward + backward).
+
+    python benchmarks/bench_ops.py                 # every group, 2 threads
+    python benchmarks/bench_ops.py --only loss,adam --threads 1
+
+Groups (shapes are those of a transformer_small step on a 4,096-token Multi30k batch):
+  - ``dropout``: how the keep-mask is drawn: ``torch.rand >= p`` (ours), the Bernoulli sampler of
+    ``nn.Dropout``, and 16-bit random integers (four masks per 64-bit draw);
+  - ``attention``: SDPA with the math backend (ours for CPU training), SDPA flash, and explicit
+    matmul-softmax-matmul, on Multi30k and nanoGPT shapes;
+  - ``loss``: ``seq2seq.loss.label_smoothed_nll`` against a fused candidate (:class:`FusedSmoothedNLL`,
+    one float32 buffer for logits, softmax and gradient, no row selection);
+  - ``adam``: ``torch.optim.AdamW`` per-tensor (the CPU default), ``foreach`` and ``fused``.
+
+The candidates here are proposals for the library, measured against the library's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from seq2seq.config import PRESETS, ModelConfig, load_config  # noqa: E402
+from seq2seq.loss import label_smoothed_nll  # noqa: E402
+from seq2seq.model import build_model  # noqa: E402
+from seq2seq.tokenizer import PAD_ID  # noqa: E402
+
+
+def timed(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Best of three windows of ``repeats`` calls, in milliseconds per call."""
+    for _ in range(warmup):
+        run()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 1000 * best
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+class FusedSmoothedNLL(torch.autograd.Function):
+    """Label-smoothed NLL sums with the same convention as ``seq2seq.loss`` (eps spread over the
+    whole vocabulary), computed from one float32 copy of the logits that becomes the gradient:
+
+        loss_i = lse_i - (1 - eps) z_iy - (eps / v) sum_j z_ij,   d loss_i / dz = softmax - q_i
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, epsilon: float):  # noqa: ANN001 - autograd signature
+        z = logits.float()
+        keep = (target != PAD_ID).to(z.dtype)
+        lse = torch.logsumexp(z, dim=-1)
+        nll = (lse - z.gather(1, target[:, None]).squeeze(1)) * keep
+        smooth = (lse - z.mean(dim=-1)) * keep
+        ctx.save_for_backward(z, lse, target, keep)
+        ctx.epsilon, ctx.dtype = epsilon, logits.dtype
+        nll_sum = nll.sum()
+        return (1.0 - epsilon) * nll_sum + epsilon * smooth.sum(), nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll):  # noqa: ANN001
+        z, lse, target, keep = ctx.saved_tensors
+        eps, vocab = ctx.epsilon, z.size(1)
+        grad = z.sub_(lse[:, None]).exp_()  # softmax, in the saved buffer
+        grad.mul_((keep * (grad_loss + grad_nll))[:, None])
+        grad.sub_((keep * (grad_loss * eps / vocab))[:, None])
+        onehot = -keep * (grad_loss * (1.0 - eps) + grad_nll)
+        grad.scatter_add_(1, target[:, None], onehot[:, None])
+        return grad.to(ctx.dtype), None, None
+
+
+def fused_smoothed_nll(logits, target, epsilon):  # noqa: ANN001
+    vocab = logits.size(-1)
+    return FusedSmoothedNLL.apply(logits.reshape(-1, vocab), target.reshape(-1), epsilon)
+
+
+def explicit_attention(q, k, v, causal: bool):  # noqa: ANN001
+    scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+    if causal:
+        t = q.size(-2)
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def bench_dropout() -> None:
+    shape, p = (195, 20, 256), 0.1
+    n = 195 * 20 * 256
+    threshold = int(-32768 + p * 65536)
+    variants = {
+        "torch.rand >= p (ours)": lambda: torch.rand(shape) >= p,
+        "bernoulli_ (nn.Dropout)": lambda: torch.empty(shape).bernoulli_(1 - p),
+        "16-bit random integers": lambda: (
+            torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+            .view(torch.int16)[:n]
+            .view(shape)
+            >= threshold
+        ),
+    }
+    print(f"\n### dropout keep-mask, {shape}, p={p}\n\n| variant | ms |\n|---|---|")
+    for name, run in variants.items():
+        print(f"| {name} | {timed(run, 20):.2f} |")
+
+
+def bench_attention() -> None:
+    print("\n### attention forward + backward\n")
+    print("| shape (b, h, t, d) | causal | precision | SDPA math | SDPA flash | explicit |")
+    print("|---|---|---|---|---|---|")
+    for shape, causal in (
+        ((195, 4, 20, 64), False),
+        ((195, 4, 20, 64), True),
+        ((12, 4, 64, 32), True),
+    ):
+        for precision in ("fp32", "bf16"):
+            inputs = [torch.randn(shape) for _ in range(3)]
+            cells = []
+            for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, None):
+
+                def run(backend=backend, inputs=inputs, precision=precision, causal=causal):
+                    q, k, v = (x.clone().requires_grad_() for x in inputs)
+                    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                        if backend is None:
+                            out = explicit_attention(q, k, v, causal)
+                        else:
+                            with sdpa_kernel(backend):
+                                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    out.float().sum().backward()
+
+                cells.append(f"{timed(run, 10):.2f}")
+            print(f"| {shape} | {causal} | {precision} | " + " | ".join(cells) + " |")
+
+
+def bench_loss() -> None:
+    n, vocab = 3705, 8000
+    target = torch.randint(4, vocab, (n,))
+    target[-95:] = PAD_ID
+    print(f"\n### label-smoothed loss forward + backward, ({n}, {vocab}) logits, 95 pad rows\n")
+    print("| logits dtype | seq2seq.loss | fused candidate | max abs grad difference |")
+    print("|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        base = (3 * torch.randn(n, vocab)).to(dtype)
+        grads = []
+        cells = []
+        for function in (label_smoothed_nll, fused_smoothed_nll):
+
+            def run(function=function, keep_grad=False, base=base, grads=grads):
+                logits = base.clone().requires_grad_()
+                loss, nll = function(logits, target, 0.1)[:2]
+                (loss + 0.5 * nll).backward()
+                if keep_grad:
+                    grads.append(logits.grad.float())
+
+            run(keep_grad=True)
+            cells.append(f"{timed(run, 3):.0f} ms")
+        gap = (grads[0] - grads[1]).abs().max().item()
+        print(f"| {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + f" | {gap:.1e} |")
+
+
+def bench_adam() -> None:
+    gpt = load_config(
+        harness.REPO / "recipes" / "configs" / "shakespeare_gpt.yaml", ["data.path=x"]
+    )
+    models = {
+        "gpt_mini (Shakespeare)": build_model(gpt.model, 69, 69),
+        "transformer_small (8k vocab)": build_model(
+            ModelConfig(**PRESETS["transformer_small"]), 8000, 8000
+        ),
+    }
+    print("\n### AdamW step\n\n| model | tensors | per-tensor (default) | foreach | fused |")
+    print("|---|---|---|---|---|")
+    for name, model in models.items():
+        params = list(model.parameters())
+        for param in params:
+            param.grad = torch.randn_like(param)
+        cells = []
+        for options in ({}, {"foreach": True}, {"fused": True}):
+            optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), **options)
+            cells.append(f"{timed(optimizer.step, 10):.1f} ms")
+        print(f"| {name} | {len(params)} | " + " | ".join(cells) + " |")
+
+
+GROUPS = {"dropout": bench_dropout, "attention": bench_attention, "loss": bench_loss}
+GROUPS["adam"] = bench_adam
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"threads {args.threads}, load {harness.load_average():.2f}")
+    for name in args.only.split(","):
+        GROUPS[name]()
+    print(f"\nload average at the end: {harness.load_average():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
