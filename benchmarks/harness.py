@@ -130,5 +130,5 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:,.4g}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)

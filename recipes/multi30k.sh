@@ -13,7 +13,7 @@
 #   OUT          run directory [runs/multi30k_$SRC-$TGT]
 #   SRC, TGT     languages [de, en]
 #   MAX_MINUTES  training budget in minutes [25]
-#   AVERAGE      checkpoints to average [5]
+#   AVERAGE      checkpoints to average [3]
 #   TEST_LINES   translate only the first N test sentences, 0 = all [0]
 #   OVERRIDES    extra section.key=value settings for prepare and train, e.g. "train.max_steps=300"
 #   CONFIG       run config [recipes/configs/multi30k.yaml; quickstart.sh: multi30k_quick.yaml]
@@ -32,7 +32,7 @@ SRC="${SRC:-de}"
 TGT="${TGT:-en}"
 OUT="${OUT:-runs/multi30k_$SRC-$TGT}"
 MAX_MINUTES="${MAX_MINUTES:-25}"
-AVERAGE="${AVERAGE:-5}"
+AVERAGE="${AVERAGE:-3}"
 TEST_LINES="${TEST_LINES:-0}"
 read -r -a EXTRA <<< "${OVERRIDES:-}"
 if [[ -z "${DATA:-}" && -n "${SEQ2SEQ_DATA:-}" && -d "${SEQ2SEQ_DATA}/multi30k" ]]; then

@@ -21,7 +21,6 @@ from seq2seq.loss import label_smoothed_nll
 from seq2seq.model import GPT, Transformer, build_model
 from seq2seq.search import beam_search, greedy
 from seq2seq.tokenizer import Tokenizer, train_tokenizer
-from seq2seq.train import train
 from seq2seq.translate import translate_lines
 
 __version__ = "0.1.0"
@@ -53,7 +52,6 @@ __all__ = [
     "prepare",
     "save_checkpoint",
     "score",
-    "train",
     "train_tokenizer",
     "translate_lines",
 ]

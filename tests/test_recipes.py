@@ -290,10 +290,11 @@ def test_multi30k_recipe_end_to_end(shared_data, tmp_path):
     assert again.returncode == 0 and again.stdout.count("done already") == 7
 
 
-# The config's nanoGPT CPU setting cut to 300 updates and 200 sampled characters. Measured: held-out
-# perplexity 11.07 (valid loss 2.405; a unigram character model scores about 27, uniform 69).
+# The config's nanoGPT CPU setting cut to 200 updates and 200 sampled characters. Measured: valid
+# loss 2.55 at update 100, 2.46 at 200 (perplexity 11.7; a unigram character model scores 27.5,
+# uniform over the 65 characters 65).
 GPT_OVERRIDES = (
-    "train.max_steps=300 train.eval_every=100 train.save_every=100 train.log_every=100 "
+    "train.max_steps=200 train.eval_every=100 train.save_every=100 train.log_every=100 "
     "decode.max_new_tokens=200"
 )
 GPT_PERPLEXITY_CEILING = 15.0
@@ -307,7 +308,7 @@ def test_shakespeare_gpt_recipe(shared_data, tmp_path):
     result = run_bash(RECIPES / "shakespeare_gpt.sh", env, 600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"\| valid \| valid_loss ([\d.]+)", result.stdout)]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == 2 and losses[-1] < losses[0]
     perplexity = json.loads((out / "scores.json").read_text())["perplexity"]
     assert perplexity["perplexity"] < GPT_PERPLEXITY_CEILING
     assert abs(np.log(perplexity["perplexity"]) - losses[-1]) < 0.1  # the same held-out text

