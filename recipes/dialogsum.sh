@@ -10,7 +10,7 @@
 #   DATA         folder with dialogsum.{dev,test}.jsonl [$SEQ2SEQ_DATA/dialogsum]
 #   OUT          run directory [runs/dialogsum]
 #   MAX_MINUTES  training budget in minutes [15]
-#   AVERAGE      checkpoints to average [5]
+#   AVERAGE      checkpoints to average [3]
 #   TEST_LINES, OVERRIDES, STAGE, PYTHON   as in recipes/multi30k.sh
 #
 # Leaves: $OUT/corpus/{train,valid,test}.jsonl, $OUT/model, $OUT/test.hyp (one summary per
@@ -26,7 +26,7 @@ if [[ -z "${DATA:-}" ]]; then
 fi
 OUT="${OUT:-runs/dialogsum}"
 MAX_MINUTES="${MAX_MINUTES:-15}"
-AVERAGE="${AVERAGE:-5}"
+AVERAGE="${AVERAGE:-3}"
 TEST_LINES="${TEST_LINES:-0}"
 read -r -a EXTRA <<< "${OVERRIDES:-}"
 SETTINGS=(data.path="$OUT/corpus" train.out_dir="$OUT")

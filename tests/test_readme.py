@@ -87,7 +87,8 @@ def test_module_map_lists_every_module_and_recipes_exist():
 @pytest.mark.slow
 def test_quick_start_runs_offline_on_a_tiny_budget(tmp_path):
     """No Multi30k and no hub: the generated corpus, a small model, 100 updates, 50 sentences."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATA", "SEQ2SEQ_DATA")}
+    unset = ("DATA", "SEQ2SEQ_DATA", "STAGE", "CONFIG", "AVERAGE", "SRC", "TGT")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(PYTHON=sys.executable, HF_HUB_OFFLINE="1", OUT=str(tmp_path / "qs"))
     env.update(MAX_MINUTES="10", TEST_LINES="50")
     env["OVERRIDES"] = (

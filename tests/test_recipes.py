@@ -32,9 +32,18 @@ import paper_bleu  # noqa: E402
 RECIPE_SCRIPTS = sorted(RECIPES.glob("*.sh"))
 
 
+# Recipe variables a developer may have exported; the tests set their own.
+RECIPE_VARIABLES = (
+    "DATA", "OUT", "STAGE", "OVERRIDES", "MAX_MINUTES", "AVERAGE", "TEST_LINES", "CONFIG", "SRC",
+    "TGT", "NGPU", "NNODES", "NODE_RANK", "BIG", "MAX_STEPS", "TOKENS_PER_UPDATE", "GPU_TOKENS",
+    "PRECISION", "PROMPT",
+)  # fmt: skip
+
+
 def run_bash(script: str | Path, env: dict[str, str], timeout: float = 600, *args: str):
-    """Run a bash script with ``env`` added to a copy of this environment; return the process."""
-    full_env = {**os.environ, "PYTHON": sys.executable, **env}
+    """Run a bash script with ``env`` added to a clean copy of this environment."""
+    inherited = {k: v for k, v in os.environ.items() if k not in RECIPE_VARIABLES}
+    full_env = {**inherited, "PYTHON": sys.executable, **env}
     return subprocess.run(
         ["bash", str(script), *args],
         env=full_env,
