@@ -1,18 +1,18 @@
-"""Micro-benchmarks behind the design choices and proposals in RESULTS.md (forward + backward).
+"""Micro-benchmarks behind the design choices in RESULTS.md (forward + backward).
 
     python benchmarks/bench_ops.py                 # every group, 2 threads
     python benchmarks/bench_ops.py --only loss,adam --threads 1
 
 Groups (shapes are those of a transformer_small step on a 4,096-token Multi30k batch):
-  - ``dropout``: how the keep-mask is drawn: ``torch.rand >= p`` (ours), the Bernoulli sampler of
-    ``nn.Dropout``, and 16-bit random integers (four masks per 64-bit draw);
+  - ``dropout``: how the keep-mask is drawn: ``torch.rand >= p`` (ours before), the Bernoulli
+    sampler of ``nn.Dropout``, and 16-bit random integers (four masks per 64-bit draw; ours now);
   - ``attention``: SDPA with the math backend (ours for CPU training), SDPA flash, and explicit
     matmul-softmax-matmul, on Multi30k and nanoGPT shapes;
-  - ``loss``: ``seq2seq.loss.label_smoothed_nll`` against a fused candidate (:class:`FusedSmoothedNLL`,
-    one float32 buffer for logits, softmax and gradient, no row selection);
+  - ``loss``: ``seq2seq.loss.label_smoothed_nll`` (hand-written backward, one float32 buffer for
+    logits, softmax and gradient, no row selection) against the autograd formulation it replaced;
   - ``adam``: ``torch.optim.AdamW`` per-tensor (the CPU default), ``foreach`` and ``fused``.
 
-The candidates here are proposals for the library, measured against the library's own code.
+Each group measures the library's current choice against the alternatives it was chosen over.
 """
 
 from __future__ import annotations
@@ -52,40 +52,15 @@ def timed(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:
 # ----------------------------------------------------------------------------- candidates
 
 
-class FusedSmoothedNLL(torch.autograd.Function):
-    """Label-smoothed NLL sums with the same convention as ``seq2seq.loss`` (eps spread over the
-    whole vocabulary), computed from one float32 copy of the logits that becomes the gradient:
-
-        loss_i = lse_i - (1 - eps) z_iy - (eps / v) sum_j z_ij,   d loss_i / dz = softmax - q_i
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, epsilon: float):  # noqa: ANN001 - autograd signature
-        z = logits.float()
-        keep = (target != PAD_ID).to(z.dtype)
-        lse = torch.logsumexp(z, dim=-1)
-        nll = (lse - z.gather(1, target[:, None]).squeeze(1)) * keep
-        smooth = (lse - z.mean(dim=-1)) * keep
-        ctx.save_for_backward(z, lse, target, keep)
-        ctx.epsilon, ctx.dtype = epsilon, logits.dtype
-        nll_sum = nll.sum()
-        return (1.0 - epsilon) * nll_sum + epsilon * smooth.sum(), nll_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_nll):  # noqa: ANN001
-        z, lse, target, keep = ctx.saved_tensors
-        eps, vocab = ctx.epsilon, z.size(1)
-        grad = z.sub_(lse[:, None]).exp_()  # softmax, in the saved buffer
-        grad.mul_((keep * (grad_loss + grad_nll))[:, None])
-        grad.sub_((keep * (grad_loss * eps / vocab))[:, None])
-        onehot = -keep * (grad_loss * (1.0 - eps) + grad_nll)
-        grad.scatter_add_(1, target[:, None], onehot[:, None])
-        return grad.to(ctx.dtype), None, None
-
-
-def fused_smoothed_nll(logits, target, epsilon):  # noqa: ANN001
+def autograd_smoothed_nll(logits, target, epsilon):  # noqa: ANN001
+    """The formulation ``seq2seq.loss`` used before its hand-written backward: kept rows selected,
+    float32 ``log_softmax``, ``gather`` and ``sum``, differentiated by autograd."""
     vocab = logits.size(-1)
-    return FusedSmoothedNLL.apply(logits.reshape(-1, vocab), target.reshape(-1), epsilon)
+    logits, target = logits.reshape(-1, vocab), target.reshape(-1)
+    keep = target != PAD_ID
+    log_probs = F.log_softmax(logits[keep].float(), dim=-1)
+    nll = -log_probs.gather(-1, target[keep].unsqueeze(-1)).sum()
+    return (1.0 - epsilon) * nll - (epsilon / vocab) * log_probs.sum(), nll
 
 
 def explicit_attention(q, k, v, causal: bool):  # noqa: ANN001
@@ -105,9 +80,9 @@ def bench_dropout() -> None:
     n = 195 * 20 * 256
     threshold = int(-32768 + p * 65536)
     variants = {
-        "torch.rand >= p (ours)": lambda: torch.rand(shape) >= p,
+        "torch.rand >= p (ours before)": lambda: torch.rand(shape) >= p,
         "bernoulli_ (nn.Dropout)": lambda: torch.empty(shape).bernoulli_(1 - p),
-        "16-bit random integers": lambda: (
+        "16-bit random integers (seq2seq.model.Dropout)": lambda: (
             torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
             .view(torch.int16)[:n]
             .view(shape)
@@ -152,13 +127,13 @@ def bench_loss() -> None:
     target = torch.randint(4, vocab, (n,))
     target[-95:] = PAD_ID
     print(f"\n### label-smoothed loss forward + backward, ({n}, {vocab}) logits, 95 pad rows\n")
-    print("| logits dtype | seq2seq.loss | fused candidate | max abs grad difference |")
+    print("| logits dtype | seq2seq.loss (fused) | autograd (before) | max abs grad difference |")
     print("|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         base = (3 * torch.randn(n, vocab)).to(dtype)
         grads = []
         cells = []
-        for function in (label_smoothed_nll, fused_smoothed_nll):
+        for function in (label_smoothed_nll, autograd_smoothed_nll):
 
             def run(function=function, keep_grad=False, base=base, grads=grads):
                 logits = base.clone().requires_grad_()

@@ -6,13 +6,18 @@
 
 One training step is what ``seq2seq.train`` does per update: forward under autocast, label-smoothed
 loss (``seq2seq.loss.label_smoothed_nll``, eps 0.1), backward, gradients scaled by 1 / target
-tokens, clipping at norm 1, Adam step (``seq2seq.optim``), schedule step, zero grad. The batches
+tokens, clipping at norm 1, Adam step (``seq2seq.optim``), schedule step, zero grad. The Hugging
+Face step is what ``Seq2SeqTrainer`` runs with ``label_smoothing_factor=0.1``: its
+``LabelSmoother`` on the logits (labels padded with -100), backward, clipping at norm 1, and its
+default optimizer (``adamw_torch_fused``: fused AdamW, weight decay 0) with the same betas, eps and
+schedule. The batches
 are the first ``warmup + steps`` token-budget batches (4,096 tokens) of Multi30k's training set
 with a joint 8k BPE vocabulary, identical for both implementations. The Marian model is
 ``seq2seq.export.to_marian`` of ours, so it starts from the same weights with the same sizes
 (post-norm, sinusoids, ReLU, three-way tied embeddings) and trains with the same loss and
-optimizer code; only the network differs. Each (implementation, config, precision) runs in its
-own process (peak RSS is per run); ours and Hugging Face alternate.
+optimizer settings; the network, the loss code and the optimizer code are each side's own. Each
+(implementation, config, precision) runs in its own process (peak RSS is per run); ours and
+Hugging Face alternate.
 
 FLOPs are counted analytically from the padded batch shapes (matmuls only; a multiply-add is 2):
 
@@ -111,10 +116,31 @@ def _worker(settings: dict[str, Any]) -> None:
             ).logits
 
     tc = config.train
-    optimizer = build_optimizer(network, tc)
-    scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
     params = list(network.parameters())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    if settings["impl"] == "ours":
+        optimizer = build_optimizer(network, tc)
+
+        def loss_and_scale(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
+            loss, _, _ = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
+            return loss, 1.0 / batch.n_tgt_tokens  # gradients become per-token, as train.py does
+
+    else:
+        # What Seq2SeqTrainer runs: its LabelSmoother on labels padded with -100, the mean over
+        # tokens, and its default optimizer (``adamw_torch_fused``) with weight decay 0.
+        from transformers.trainer_pt_utils import LabelSmoother
+
+        smoother = LabelSmoother(epsilon=tc.label_smoothing)
+        optimizer = torch.optim.AdamW(
+            params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=0.0,
+            fused=True,
+        )  # fmt: skip
+
+        def loss_and_scale(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
+            labels = batch.tgt_out.masked_fill(batch.tgt_out == PAD_ID, -100)
+            return smoother({"logits": logits}, labels), float(batch.n_tgt_tokens)
+
+    scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
 
     network.eval()
     with torch.no_grad(), autocast:
@@ -126,15 +152,16 @@ def _worker(settings: dict[str, Any]) -> None:
     def step(batch: Batch) -> float:
         with autocast:
             logits = forward(batch)
-            loss, _, _ = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
+            loss, scale = loss_and_scale(logits, batch)
         loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        torch._foreach_mul_(grads, 1.0 / batch.n_tgt_tokens)
+        if settings["impl"] == "ours":
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, scale)
         nn.utils.clip_grad_norm_(params, tc.clip_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item() / batch.n_tgt_tokens
+        return loss.item() * scale if settings["impl"] == "ours" else loss.item()
 
     for batch in batches[: settings["warmup"]]:
         step(batch)
@@ -196,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated presets")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32,bf16")
     parser.add_argument("--impls", default=",".join(IMPLS), help="ours,hf")
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (best is kept)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=1)

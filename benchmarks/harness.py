@@ -1,7 +1,8 @@
 """Plumbing shared by the benchmark scripts: data, isolated worker runs, machine facts, tables.
 
 Each measured run happens in a fresh Python process (``run_worker``) so that its peak resident
-memory (``ru_maxrss``) is its own and no allocator or thread-pool state leaks between runs.
+memory (``VmHWM``, see ``max_rss_mib``) is its own and no allocator or thread-pool state leaks
+between runs.
 The worker prints one line ``RESULT {json}`` which the parent parses.
 """
 
@@ -53,7 +54,17 @@ def load_average() -> float:
 
 
 def max_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process alone: Linux ``VmHWM`` (``ru_maxrss`` elsewhere).
+
+    Not ``ru_maxrss`` on Linux: a child's starts at its parent's peak (Linux carries it across
+    fork and exec), so in a worker spawned by a large parent it is a floor, not the worker's own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -12,7 +12,7 @@
 #   OUT          run directory [runs/cnn_dailymail]
 #   NGPU         processes (GPUs) [every visible GPU]
 #   PRECISION    bf16 or fp16 [bf16]
-#   AVERAGE      checkpoints to average [5]
+#   AVERAGE      newest checkpoints to average (all if fewer were saved) [5]
 #   TEST_LINES, OVERRIDES, STAGE, PYTHON   as in recipes/multi30k.sh
 #
 # Leaves: $OUT/model, $OUT/test.hyp (one summary per line), $OUT/scores.json (ROUGE).
@@ -49,8 +49,7 @@ run_stage 1 train \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m seq2seq.train \
     "$CONFIG" "${SETTINGS[@]}" train.precision="$PRECISION" "${EXTRA[@]}"
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" \
-    --last "$(checkpoints_up_to "$OUT" "$AVERAGE")" "$OUT"
+    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split test \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"

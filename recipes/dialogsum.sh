@@ -10,7 +10,7 @@
 #   DATA         folder with dialogsum.{dev,test}.jsonl [$SEQ2SEQ_DATA/dialogsum]
 #   OUT          run directory [runs/dialogsum]
 #   MAX_MINUTES  training budget in minutes [15]
-#   AVERAGE      checkpoints to average [3]
+#   AVERAGE      newest checkpoints to average (all if fewer were saved) [3]
 #   TEST_LINES, OVERRIDES, STAGE, PYTHON   as in recipes/multi30k.sh
 #
 # Leaves: $OUT/corpus/{train,valid,test}.jsonl, $OUT/model, $OUT/test.hyp (one summary per
@@ -39,8 +39,7 @@ run_stage 1 prepare \
 run_stage 2 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 3 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" \
-    --last "$(checkpoints_up_to "$OUT" "$AVERAGE")" "$OUT"
+    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 4 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split test \
     --source "$OUT/test.src" --target "$OUT/test.ref1" --reference "summary2=$OUT/test.ref2" \

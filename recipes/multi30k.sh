@@ -13,7 +13,7 @@
 #   OUT          run directory [runs/multi30k_$SRC-$TGT]
 #   SRC, TGT     languages [de, en]
 #   MAX_MINUTES  training budget in minutes [25]
-#   AVERAGE      checkpoints to average [3]
+#   AVERAGE      newest checkpoints to average (all if fewer were saved) [3]
 #   TEST_LINES   translate only the first N test sentences, 0 = all [0]
 #   OVERRIDES    extra section.key=value settings for prepare and train, e.g. "train.max_steps=300"
 #   CONFIG       run config [recipes/configs/multi30k.yaml; quickstart.sh: multi30k_quick.yaml]
@@ -56,8 +56,7 @@ run_stage 0 prepare \
 run_stage 1 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" \
-    --last "$(checkpoints_up_to "$OUT" "$AVERAGE")" "$OUT"
+    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split "$TEST_SPLIT" \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"

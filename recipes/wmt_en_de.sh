@@ -23,7 +23,7 @@
 #   PRECISION    bf16 or fp16 [bf16]
 #   TOKENS_PER_UPDATE  source (and target) tokens per update, padding included [25000]
 #   GPU_TOKENS   most tokens in one GPU batch [8192]; update_freq makes up the rest
-#   AVERAGE      checkpoints to average [5, big: 20]
+#   AVERAGE      newest checkpoints to average (all if fewer were saved) [5, big: 20]
 #   MAX_STEPS    updates [100000, big: 300000]
 #   TEST_LINES, OVERRIDES, STAGE, PYTHON   as in recipes/multi30k.sh
 #
@@ -97,8 +97,7 @@ if ((NNODES > 1 && NODE_RANK > 0)); then
     exit 0
 fi
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" \
-    --last "$(checkpoints_up_to "$OUT" "$AVERAGE")" "$OUT"
+    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split "$TEST_SPLIT" \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"

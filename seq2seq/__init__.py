@@ -2,28 +2,57 @@
 
 The modules follow the data flow: config -> tokenizer/data -> model -> train -> checkpoint ->
 search/translate/sample -> evaluate. The names below are the public API.
+
+Each name is imported from its module on first use (PEP 562), so ``import seq2seq`` loads no
+submodule and no torch, and ``python -m seq2seq.translate`` does not find its own module already
+imported by the package.
 """
 
-from seq2seq.checkpoint import CheckpointError, average_checkpoints, load_model, save_checkpoint
-from seq2seq.config import (
-    PRESETS,
-    ConfigError,
-    DataConfig,
-    DecodeConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    load_config,
-)
-from seq2seq.data import Batch, DataError, TokenizedCorpus, batch_indices, collate, prepare
-from seq2seq.evaluate import score
-from seq2seq.loss import label_smoothed_nll
-from seq2seq.model import GPT, Transformer, build_model
-from seq2seq.search import beam_search, greedy
-from seq2seq.tokenizer import Tokenizer, train_tokenizer
-from seq2seq.translate import translate_lines
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Large CPU tensors (a step's logits are ~100 MB) go on transparent huge pages: every fresh
+# allocation is otherwise page-faulted in 4 KiB at a time, which cost 13% of a Multi30k training
+# run's CPU time (benchmarks/RESULTS.md). PyTorch reads this once, when it is first imported, so
+# it only takes effect when seq2seq is imported before torch (as in every `seq2seq` command).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+# public name -> the module that defines it; the same names as __all__ (tests/test_package.py)
+_MODULE_OF = {
+    "CheckpointError": "seq2seq.checkpoint",
+    "average_checkpoints": "seq2seq.checkpoint",
+    "load_model": "seq2seq.checkpoint",
+    "save_checkpoint": "seq2seq.checkpoint",
+    "PRESETS": "seq2seq.config",
+    "ConfigError": "seq2seq.config",
+    "DataConfig": "seq2seq.config",
+    "DecodeConfig": "seq2seq.config",
+    "ModelConfig": "seq2seq.config",
+    "RunConfig": "seq2seq.config",
+    "TrainConfig": "seq2seq.config",
+    "load_config": "seq2seq.config",
+    "Batch": "seq2seq.data",
+    "DataError": "seq2seq.data",
+    "TokenizedCorpus": "seq2seq.data",
+    "batch_indices": "seq2seq.data",
+    "collate": "seq2seq.data",
+    "prepare": "seq2seq.data",
+    "score": "seq2seq.evaluate",
+    "label_smoothed_nll": "seq2seq.loss",
+    "GPT": "seq2seq.model",
+    "Transformer": "seq2seq.model",
+    "build_model": "seq2seq.model",
+    "beam_search": "seq2seq.search",
+    "greedy": "seq2seq.search",
+    "Tokenizer": "seq2seq.tokenizer",
+    "train_tokenizer": "seq2seq.tokenizer",
+    "translate_lines": "seq2seq.translate",
+}
 
 __all__ = [
     "GPT",
@@ -55,3 +84,15 @@ __all__ = [
     "train_tokenizer",
     "translate_lines",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'seq2seq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

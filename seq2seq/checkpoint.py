@@ -27,6 +27,7 @@ the checksums and the rename, so that a test can kill the process at exactly tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,14 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from seq2seq.config import FORMAT_VERSION, ConfigError, RunConfig, config_from_dict, save_config
+from seq2seq.config import (
+    FORMAT_VERSION,
+    ConfigError,
+    DecodeConfig,
+    RunConfig,
+    config_from_dict,
+    save_config,
+)
 from seq2seq.model import build_model
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
@@ -264,6 +272,41 @@ def load_model(
     return model.eval(), tokenizer, config
 
 
+def load_for_inference(
+    directory: str | Path,
+    device: str = "auto",
+    decode_overrides: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, Tokenizer, RunConfig, str]:
+    """What a decoding command starts from: the device resolved, the model loaded onto it, and
+    the checkpoint's decode settings with the command line's values put over them.
+
+    Args:
+        directory: a model directory or training checkpoint.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU).
+        decode_overrides: ``DecodeConfig`` field -> value; a None value means "not given" and
+            keeps the checkpoint's setting.
+
+    Returns:
+        ``(model, tokenizer, config, device)``: the model in eval mode, ``config.decode`` with the
+        overrides applied and validated, and the resolved device name.
+
+    Raises:
+        CheckpointError: a missing or corrupt file (named in the message).
+        ConfigError: an override that is not a decode setting, or an invalid value.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = {k: v for k, v in (decode_overrides or {}).items() if v is not None}
+    fields = {field.name for field in dataclasses.fields(DecodeConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"decode.{unknown[0]}: no such decode setting")
+    model, tokenizer, config = load_model(directory, device=device)
+    decode = dataclasses.replace(config.decode, **overrides)
+    decode.validate()
+    return model, tokenizer, dataclasses.replace(config, decode=decode), device
+
+
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:
     """``trainer_state.pt`` read with ``weights_only=True`` (no code runs from the file).
 
@@ -436,31 +479,47 @@ def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``seq2seq average --out DIR (CKPT_DIR ... | --last K RUN_DIR)``."""
+    """``seq2seq average --out DIR (CKPT_DIR ... | --last K RUN_DIR)``.
+
+    With ``--last K`` and fewer than K checkpoints in RUN_DIR (a run cut short by its time
+    budget), those that exist are averaged and a warning gives the count; none is an error.
+    """
     parser = argparse.ArgumentParser(
         prog="seq2seq average", description="Average checkpoint weights into a model directory."
     )
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument(
-        "--last", type=int, default=0, metavar="K", help="average RUN_DIR's K newest checkpoints"
+        "--last",
+        type=int,
+        metavar="K",
+        help="average RUN_DIR's K newest checkpoints (all of them when it has fewer)",
     )
     parser.add_argument("paths", nargs="+", help="checkpoint directories, or one RUN_DIR")
     args = parser.parse_args(argv)
-    if args.last:
+    if args.last is not None:
+        if args.last < 1:
+            parser.error(f"--last must be at least 1, got {args.last}")
         if len(args.paths) != 1:
             parser.error("--last K takes exactly one RUN_DIR")
-        directories = step_dirs(args.paths[0])[-args.last :]
-        if len(directories) < args.last:
+        run_dir = Path(args.paths[0])
+        directories = step_dirs(run_dir)[-args.last :]
+        if not directories:
             parser.error(
-                f"{args.paths[0]}: only {len(directories)} checkpoints, asked for {args.last}"
+                f"{run_dir}: no checkpoints (no step_<n> directory in {run_dir / 'checkpoints'})"
+            )
+        if len(directories) < args.last:
+            print(
+                f"seq2seq average: warning: {run_dir}: found {len(directories)} checkpoint(s), "
+                f"fewer than --last {args.last}; averaging the {len(directories)} found",
+                file=sys.stderr,
             )
     else:
         directories = [Path(p) for p in args.paths]
     try:
         out = average_checkpoints(directories, args.out)
     except CheckpointError as error:
-        print(f"seq2seq average: {error}", file=sys.stderr)
-        return 1
+        print(f"seq2seq average: error: {error}", file=sys.stderr)
+        return 2
     print(f"averaged {len(directories)} checkpoints -> {out}")
     for directory in directories:
         print(f"  {directory}")

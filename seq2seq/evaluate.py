@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             results = _score_cli(args)
     except EvaluateError as error:
         print(f"seq2seq evaluate: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     if args.json:
         print(json.dumps(results, indent=1, ensure_ascii=False))
     else:

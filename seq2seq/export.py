@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         out = save_marian(model, tokenizer, args.out)
     except (CheckpointError, ExportError) as error:
         print(f"seq2seq export: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"export: {args.model} -> {out} (MarianMTModel, safetensors)")
     return 0
 

@@ -31,21 +31,27 @@ from seq2seq.tokenizer import PAD_ID
 
 
 class Dropout(nn.Module):
-    """Inverted dropout. Same maths as ``nn.Dropout``; on CPU the mask comes from ``torch.rand``,
-    which there is about 4x faster than the Bernoulli sampler ``nn.Dropout`` uses
-    (benchmarks/RESULTS.md), and dropout is a large share of a small model's CPU step."""
+    """Inverted dropout. Same maths as ``nn.Dropout``, with a cheaper mask on CPU: four 16-bit
+    keep-decisions per 64-bit random draw, ``p`` rounded to a multiple of 1/65536 and the kept
+    values scaled by the exact ``1 / (1 - p_rounded)``. The Bernoulli sampler ``nn.Dropout`` uses is
+    ~3.5x slower there (benchmarks/RESULTS.md), and dropout masks are a visible share of a small
+    model's CPU step."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
+        self.threshold = round(p * 65536) - 32768  # keep a 16-bit value v when v >= threshold
+        self.scale = 65536 / (32768 - self.threshold) if self.threshold < 32768 else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        n = x.numel()
+        draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x * keep * self.scale
 
 
 # --------------------------------------------------------------------------- attention (3.2)
@@ -82,9 +88,16 @@ class MultiHeadAttention(nn.Module):
         """
         q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)
         dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and torch.is_grad_enabled() and key.shape[2] <= 128:
-            # PyTorch's CPU flash-attention backward is 2-4x slower than plain matmul-softmax
-            # for short sequences (benchmarks/RESULTS.md); its forward stays the faster one.
+        low_precision = torch.is_autocast_enabled("cpu") or q.dtype != torch.float32
+        if (
+            q.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and low_precision
+            and key.shape[2] <= 128
+        ):
+            # PyTorch's CPU flash-attention backward in bf16 is 3-5x slower than plain
+            # matmul-softmax for short sequences (benchmarks/RESULTS.md); in fp32, and for
+            # inference, flash is the faster one.
             with sdpa_kernel(SDPBackend.MATH):
                 attended = F.scaled_dot_product_attention(
                     q, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal

@@ -13,12 +13,12 @@ length. Prints the prompt followed by the continuation; a fixed ``--seed`` gives
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
 import torch
 
+from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
 from seq2seq.search import GPTDecoder, sample
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -99,6 +99,10 @@ def start_ids(tokenizer: Tokenizer) -> list[int]:
     return ids if ids and UNK_ID not in ids else [BOS_ID]
 
 
+# The flags that replace the model's DecodeConfig values (each argparse dest is a field name).
+DECODE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seq2seq sample", description="Generate text from a GPT model directory."
@@ -116,24 +120,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from seq2seq.checkpoint import CheckpointError, load_model
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, tokenizer, config = load_model(args.model, device=device)
+        overrides = {name: getattr(args, name) for name in DECODE_FLAGS}
+        model, tokenizer, config, device = load_for_inference(args.model, args.device, overrides)
         if config.model.arch != "gpt":
             raise SampleError(f"{args.model}: not a GPT model; use seq2seq translate")
-        names = [f.name for f in dataclasses.fields(DecodeConfig)]
-        overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        decode = dataclasses.replace(config.decode, **overrides)
-        decode.validate()
+        decode = config.decode
         if decode.temperature < 0 or decode.max_new_tokens < 0:
             raise SampleError("--temperature and --max-new-tokens must be >= 0")
     except (CheckpointError, ConfigError, SampleError) as error:
         print(f"seq2seq sample: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     print(
         f"sample: {args.model} on {device}, seed {args.seed}: max_new_tokens="

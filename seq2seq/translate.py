@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import itertools
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import BinaryIO
 
 import torch
 
+from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
 from seq2seq.search import Hypothesis, TransformerDecoder, beam_search, greedy
 from seq2seq.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -223,6 +223,13 @@ def read_utf8_lines(stream: BinaryIO, name: str, replace_invalid: bool = False) 
 # ------------------------------------------------------------------------------------- CLI
 
 
+# The flags that replace the model's DecodeConfig values (each argparse dest is a field name).
+DECODE_FLAGS = (
+    "beam_size", "length_penalty", "nbest", "max_len_a", "max_len_b", "min_len",
+    "no_repeat_ngram_size", "batch_tokens",
+)  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seq2seq translate",
@@ -247,22 +254,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from seq2seq.checkpoint import CheckpointError, load_model
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, tokenizer, config = load_model(args.model, device=device)
+        overrides = {name: getattr(args, name) for name in DECODE_FLAGS}
+        model, tokenizer, config, device = load_for_inference(args.model, args.device, overrides)
         if config.model.arch != "transformer":
             raise TranslateError(f"{args.model}: a GPT model cannot translate; use seq2seq sample")
-        names = [f.name for f in dataclasses.fields(DecodeConfig)]
-        overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        decode = dataclasses.replace(config.decode, **overrides)
-        decode.validate()
     except (CheckpointError, ConfigError, TranslateError) as error:
         print(f"seq2seq translate: error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    decode = config.decode
     print(
         f"translate: {args.model} on {device}{' bf16' if args.bf16 else ''}: {decode}",
         file=sys.stderr,
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     out.reconfigure(encoding="utf-8")
         except OSError as error:
             print(f"seq2seq translate: error: {error.filename}: {error.strerror}", file=sys.stderr)
-            return 1
+            return 2
         lines = read_utf8_lines(source, args.input or "<stdin>", args.replace_invalid)
         results = translate_nbest(model, tokenizer, lines, decode, device, args.bf16, stats)
         try:
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         except TranslateError as error:
             out.flush()
             print(f"seq2seq translate: error: {error}", file=sys.stderr)
-            return 1
+            return 2
     rate = stats.lines / stats.seconds if stats.seconds else 0.0
     token_rate = stats.generated_tokens / stats.seconds if stats.seconds else 0.0
     print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from seq2seq.checkpoint import (
     save_training_checkpoint,
     step_dirs,
 )
-from seq2seq.config import ModelConfig, RunConfig, TrainConfig
+from seq2seq.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from seq2seq.model import build_model
 from seq2seq.tokenizer import CharVocab, Tokenizer
 
@@ -171,12 +172,65 @@ def test_average_cli_last_k(tmp_path, capsys):
     for step, model in enumerate(models, start=1):
         save_training_checkpoint(out, step * 100, model, config, _tokenizer(), _state(step))
     assert checkpoint.main(["--out", str(tmp_path / "avg"), "--last", "2", str(out)]) == 0
-    assert "step_200" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "step_200" in captured.out and "step_100" not in captured.out
+    assert captured.err == ""  # K found: no warning
     averaged, _, _ = load_model(tmp_path / "avg")
     weights = dict(averaged.named_parameters())
     name = next(n for n in weights if weights[n].dim() == 2 and "embedding" not in n)
     expected = (models[1].state_dict()[name] + models[2].state_dict()[name]) / 2
     torch.testing.assert_close(weights[name].detach(), expected, rtol=0, atol=1e-7)
+
+    # Fewer than K (a run cut short by its time budget): all of them, with a warning.
+    assert checkpoint.main(["--out", str(tmp_path / "avg5"), "--last", "5", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "averaged 3 checkpoints" in captured.out
+    assert (
+        "warning" in captured.err and "found 3 checkpoint(s), fewer than --last 5" in captured.err
+    )
+    averaged, _, _ = load_model(tmp_path / "avg5")
+    states = [m.state_dict() for m in models]
+    for name, tensor in averaged.state_dict().items():
+        expected = (states[0][name] + states[1][name] + states[2][name]) / 3
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
+
+
+def test_average_cli_fails_clearly_without_checkpoints(tmp_path, capsys):
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    for argv in (
+        ["--last", "3", str(tmp_path / "empty")],
+        ["--last", "3", str(tmp_path / "missing")],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            checkpoint.main(["--out", str(tmp_path / "avg"), *argv])
+        assert exit_info.value.code == 2
+        assert "no checkpoints" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        checkpoint.main(["--out", str(tmp_path / "avg"), "--last", "0", str(tmp_path / "empty")])
+    assert "--last must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "avg").exists()
+    # a directory that is not a checkpoint: a user error, exit code 2 like the other commands
+    assert checkpoint.main(["--out", str(tmp_path / "avg"), str(tmp_path / "empty")]) == 2
+    assert "seq2seq average: error:" in capsys.readouterr().err
+
+
+def test_load_for_inference_applies_decode_overrides_and_resolves_device(tmp_path):
+    config = _config()
+    directory = save_checkpoint(tmp_path / "m", _model(config), config, _tokenizer())
+    overrides = {"beam_size": 2, "length_penalty": None, "top_k": 7}
+    model, tokenizer, loaded, device = checkpoint.load_for_inference(directory, "cpu", overrides)
+    assert device == "cpu" and not model.training
+    assert next(model.parameters()).device.type == "cpu"
+    assert tokenizer.vocab_size == _tokenizer().vocab_size
+    assert loaded.decode.beam_size == 2 and loaded.decode.top_k == 7
+    assert loaded.decode.length_penalty == config.decode.length_penalty  # None: not given
+    assert replace(loaded, decode=config.decode) == config  # nothing else changed
+    _, _, _, auto = checkpoint.load_for_inference(directory, "auto")
+    assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="decode.beam: no such decode setting"):
+        checkpoint.load_for_inference(directory, "cpu", {"beam": 2})
+    with pytest.raises(ConfigError, match="top_p"):
+        checkpoint.load_for_inference(directory, "cpu", {"top_p": 1.5})
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

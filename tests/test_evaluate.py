@@ -95,11 +95,11 @@ def test_errors_unknown_metric_and_length_mismatch(tmp_path, capsys):
     hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
     hyp.write_text("\n".join(HYPS) + "\n", encoding="utf-8")
     ref.write_text("\n".join(REFS_1[:3]) + "\n", encoding="utf-8")
-    assert main(["--hyp", str(hyp), "--ref", str(ref)]) == 1
+    assert main(["--hyp", str(hyp), "--ref", str(ref)]) == 2
     err = capsys.readouterr().err
     assert "hyp.txt has 4 lines" in err and "ref.txt has 3" in err
     ref.write_bytes(b"ok\nbad \xff byte\n")
-    assert main(["--hyp", str(hyp), "--ref", str(ref)]) == 1
+    assert main(["--hyp", str(hyp), "--ref", str(ref)]) == 2
     assert "ref.txt:2: invalid UTF-8" in capsys.readouterr().err
 
 

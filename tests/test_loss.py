@@ -72,3 +72,43 @@ def test_gradient_flows_and_shape_mismatch_is_reported():
     assert torch.all(logits.grad[0, 2] == 0) and logits.grad[0, 0].abs().sum() > 0
     with pytest.raises(ValueError, match="do not match"):
         label_smoothed_nll(logits, target[:, :2], 0.1)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("ignore_index", [PAD_ID, -100])
+def test_hand_written_backward_equals_autograd(epsilon, ignore_index):
+    """The fused backward against autograd through log_softmax, for any mix of the two outputs."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 6, 13, generator=generator, dtype=torch.float64)
+    target = torch.randint(1, 13, (3, 6), generator=generator)
+    target[1, 3:] = ignore_index
+    ours = logits.clone().requires_grad_(True)
+    reference = logits.clone().requires_grad_(True)
+    loss, nll, _ = label_smoothed_nll(ours, target, epsilon, ignore_index=ignore_index)
+    (0.7 * loss + 0.3 * nll).backward()
+    keep = target.reshape(-1) != ignore_index
+    log_probs = torch.log_softmax(reference.reshape(-1, 13)[keep], dim=-1)
+    ref_nll = -log_probs.gather(-1, target.reshape(-1)[keep][:, None]).sum()
+    ref_loss = (1 - epsilon) * ref_nll - (epsilon / 13) * log_probs.sum()
+    (0.7 * ref_loss + 0.3 * ref_nll).backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(nll, ref_nll)
+    torch.testing.assert_close(ours.grad, reference.grad)
+    assert torch.all(ours.grad[1, 3:] == 0)
+    assert torch.equal(ours.detach(), logits)  # the caller's float logits are not overwritten
+
+
+def test_bf16_gradient_matches_float32_reference():
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(40, 300, generator=generator).to(torch.bfloat16).requires_grad_(True)
+    target = torch.randint(0, 300, (40,), generator=generator)
+    loss, _, _ = label_smoothed_nll(logits, target, 0.1)
+    loss.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    reference = logits.detach().float().requires_grad_(True)
+    expected = F.cross_entropy(
+        reference, target, ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum"
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=4e-3, rtol=1e-2)

@@ -349,3 +349,24 @@ def test_every_preset_builds_a_model():
         with torch.device("meta"):
             model = build_model(config, 1000, 1000)
         assert isinstance(model, GPT if config.arch == "gpt" else Transformer)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_keep_rate_and_scaling(p):
+    """The 16-bit mask drops a fraction p (to 1/65536) and keeps the expectation unchanged."""
+    from seq2seq.model import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(p).train()
+    x = torch.ones(400, 1000)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5 + 1 / 65536
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4)
+    assert abs(y.mean().item() - 1.0) < 0.01
+    # neighbouring 16-bit lanes of one 64-bit draw are independent
+    pairs = (y.reshape(-1, 2) == 0).float()
+    both = (pairs[:, 0] * pairs[:, 1]).mean().item()
+    assert abs(both - p * p) < 0.01
+    assert torch.equal(dropout.eval()(x), x)

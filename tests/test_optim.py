@@ -86,3 +86,31 @@ def test_optimizer_settings_and_weight_decay_groups():
     by_decay = {g["weight_decay"]: g["params"] for g in decayed.param_groups}
     assert {tuple(p.shape) for p in by_decay[0.01]} == {(10, 8), (8, 8)}
     assert all(p.dim() == 1 for p in by_decay[0.0]) and len(by_decay[0.0]) == 3
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_fused_optimizer_takes_the_same_steps_as_the_reference(weight_decay):
+    """The fused kernel is chosen on CPU and follows PyTorch's per-tensor Adam(W)."""
+    torch.manual_seed(0)
+    fused_model, reference_model = _model(), _model()
+    reference_model.load_state_dict(fused_model.state_dict())
+    config = TrainConfig(lr=1e-2, weight_decay=weight_decay)
+    fused = build_optimizer(fused_model, config)
+    assert fused.defaults["fused"] is True
+    twin = dict(zip(map(id, fused_model.parameters()), reference_model.parameters()))
+    groups = [
+        {"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+        for g in fused.param_groups
+    ]
+    reference_type = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    reference = reference_type(
+        groups, lr=1e-2, betas=config.adam_betas, eps=config.adam_eps, foreach=False
+    )
+    tokens = torch.randint(0, 10, (4, 6))
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (reference_model, reference)):
+            optimizer.zero_grad()
+            model(tokens).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -103,7 +103,7 @@ def test_cli_prompt_stdin_and_wrong_model(model_dir, tmp_path, capsys, monkeypat
     assert capsys.readouterr().out == out.out
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(argv + ["--top-k", "3", "--top-p", "0.9", "--temperature", "0.7"]) == 0
-    assert main(argv + ["--top-p", "1.5"]) == 1
+    assert main(argv + ["--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
 
     seq2seq_config = RunConfig(
@@ -113,5 +113,5 @@ def test_cli_prompt_stdin_and_wrong_model(model_dir, tmp_path, capsys, monkeypat
     tokenizer = Tokenizer("char", CharVocab(CHARS))
     model = build_model(seq2seq_config.model, tokenizer.vocab_size, tokenizer.vocab_size)
     other = save_checkpoint(tmp_path / "t", model, seq2seq_config, tokenizer)
-    assert main(["--model", str(other), "--prompt", "a"]) == 1
+    assert main(["--model", str(other), "--prompt", "a"]) == 2
     assert "not a GPT model" in capsys.readouterr().err

@@ -141,14 +141,37 @@ def test_invalid_utf8_names_the_line_unless_replaced(model_dir, tmp_path, capsys
     source.write_bytes(b"hello\n\nbad \xff\xfe byte\nok\r\nlast without newline")
     out = tmp_path / "out.txt"
     argv = ["--model", str(model_dir), "--input", str(source), "--output", str(out)]
-    assert main(argv) == 1
+    assert main(argv) == 2  # a user error, as in every seq2seq command
     assert "bad.txt:3: invalid UTF-8" in capsys.readouterr().err
     assert main(argv + ["--replace-invalid"]) == 0
     written = out.read_text(encoding="utf-8").split("\n")
     assert len(written) == 6 and written[1] == "" and written[-1] == ""
     missing = ["--model", str(model_dir), "--input", str(tmp_path / "nope.txt")]
-    assert main(missing) == 1
+    assert main(missing) == 2
     assert "nope.txt: No such file" in capsys.readouterr().err
+
+
+def test_cli_user_errors_exit_2_and_name_the_problem(model_dir, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("ab\n")
+    argv = ["--model", str(model_dir), "--input", str(source), "--device", "cpu"]
+    assert main(argv + ["--beam", "2", "--nbest", "3"]) == 2  # flags reach DecodeConfig.validate
+    assert "seq2seq translate: error: decode.beam_size" in capsys.readouterr().err
+    assert main(argv + ["--beam", "2", "--nbest", "2", "--output", str(tmp_path / "o")]) == 0
+    assert len((tmp_path / "o").read_text().splitlines()) == 2
+
+    gpt_config = replace(
+        RunConfig(model=ModelConfig(arch="gpt", d_model=16, n_heads=2, d_ff=16,
+                                    n_encoder_layers=0, n_decoder_layers=1)),
+        data={"format": "lm", "tokenizer": "char"},
+    )  # fmt: skip
+    tokenizer = Tokenizer("char", CharVocab(CHARS))
+    gpt = build_model(gpt_config.model, tokenizer.vocab_size, tokenizer.vocab_size)
+    gpt_dir = save_checkpoint(tmp_path / "gpt", gpt, gpt_config, tokenizer)
+    assert main(["--model", str(gpt_dir), "--input", str(source)]) == 2
+    assert "a GPT model cannot translate" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nowhere"), "--input", str(source)]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_cli_stdin_stdout_subprocess_and_bf16(model_dir):

@@ -57,14 +57,6 @@ shell_words() {
     echo "${words[*]}"
 }
 
-# min(K, checkpoints saved under RUN_DIR): a run cut short by its time budget may have saved fewer
-# than the recipe averages. (Workaround until `seq2seq average --last K` takes up to K itself.)
-checkpoints_up_to() {
-    local run_dir="$1" k="$2" n
-    n=$(find "$run_dir/checkpoints" -mindepth 1 -maxdepth 1 -type d -regex '.*/step_[0-9]+' | wc -l)
-    echo $((n < k ? n : k))
-}
-
 # The interpreter the recipes call: $PYTHON, else the repository's .venv, else python3.
 default_python() {
     local root="$1"

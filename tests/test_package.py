@@ -1,0 +1,92 @@
+"""The package itself: lazy public API (PEP 562), nothing imported by ``import seq2seq``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+import seq2seq
+
+
+def _run(code_or_args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-W", "error", *code_or_args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_import_seq2seq_loads_no_submodule_and_no_torch():
+    code = (
+        "import sys, seq2seq; "
+        "print(sorted(m for m in sys.modules if m.startswith(('seq2seq.', 'torch'))))"
+    )
+    result = _run(["-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["seq2seq.translate", "seq2seq.checkpoint", "seq2seq.sample"])
+def test_running_a_module_as_main_gives_no_runtime_warning(module):
+    # -W error turns runpy's "found in sys.modules after import of package" warning into a failure
+    result = _run(["-m", module, "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeWarning" not in result.stderr and "usage:" in result.stdout
+
+
+def test_every_public_name_resolves_to_its_module():
+    assert set(seq2seq.__all__) == set(seq2seq._MODULE_OF)
+    assert len(seq2seq.__all__) == len(set(seq2seq.__all__))
+    for name in seq2seq.__all__:
+        module = importlib.import_module(seq2seq._MODULE_OF[name])
+        assert getattr(seq2seq, name) is getattr(module, name), name
+        assert name in dir(seq2seq)
+    assert seq2seq.__version__ == importlib.metadata.version("seq2seq")  # pyproject.toml's
+    from seq2seq import Transformer, translate_lines  # the form users write
+
+    assert Transformer.__module__ == "seq2seq.model"
+    assert translate_lines.__module__ == "seq2seq.translate"
+
+
+def test_unknown_name_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'not_public'"):
+        seq2seq.not_public  # noqa: B018
+    with pytest.raises(ImportError):
+        from seq2seq import not_public  # noqa: F401
+
+
+def _huge_pages_possible() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as handle:
+            return "[never]" not in handle.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _huge_pages_possible(), reason="no transparent huge pages on this kernel")
+def test_importing_seq2seq_first_puts_large_tensors_on_huge_pages():
+    """Touching a fresh 256 MiB tensor costs ~65,000 page faults on 4 KiB pages, ~128 on huge ones."""
+    code = (
+        "import os, resource{first}; import torch; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
+        "torch.ones(64 * 2**20); "
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    faults = {}
+    for first in (", seq2seq", ""):
+        result = subprocess.run(
+            [sys.executable, "-c", code.format(first=first)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr
+        setting, faults[first] = result.stdout.split()
+        assert setting == ("1" if first else "None")
+    assert int(faults[", seq2seq"]) < 4_000 < 40_000 < int(faults[""])
