@@ -81,8 +81,8 @@ def label_smoothed_nll(
         ignore_index: id excluded from the loss and the count (padding).
 
     Returns:
-        ``(loss_sum, nll_sum, n_tokens)``: two float32 scalars and an int64 scalar tensor, all on
-        the logits' device (no host synchronisation).
+        ``(loss_sum, nll_sum, n_tokens)``: two float32 scalars (float64 for float64 logits) and an
+        int64 scalar tensor, all on the logits' device (no host synchronisation).
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match target {tuple(target.shape)}")

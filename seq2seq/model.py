@@ -34,7 +34,7 @@ class Dropout(nn.Module):
     """Inverted dropout. Same maths as ``nn.Dropout``, with a cheaper mask on CPU: four 16-bit
     keep-decisions per 64-bit random draw, ``p`` rounded to a multiple of 1/65536 and the kept
     values scaled by the exact ``1 / (1 - p_rounded)``. The Bernoulli sampler ``nn.Dropout`` uses is
-    ~3.5x slower there (benchmarks/RESULTS.md), and dropout masks are a visible share of a small
+    ~4x slower there (benchmarks/RESULTS.md), and dropout masks are a visible share of a small
     model's CPU step."""
 
     def __init__(self, p: float) -> None:
