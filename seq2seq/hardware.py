@@ -1,0 +1,183 @@
+"""What the machine computes natively, and the device and precision choices that follow from it.
+
+``precision: auto`` (the default everywhere) resolves here:
+
+- CUDA with bf16 support (Ampere and newer) -> ``bf16``;
+- CUDA without it (V100, T4) -> ``fp16`` with the grad scaler;
+- a CPU whose matmuls run bf16 natively (AVX-512-BF16 or AMX, through oneDNN) -> ``bf16``;
+- any other CPU -> ``fp32``: without those instructions PyTorch falls back to a reference bf16
+  GEMM that measured ~16x slower than fp32 on an AVX2-only AMD EPYC (benchmarks/RESULTS.md).
+
+The CPU class honours the two variables that lower PyTorch's kernels, so that one machine can
+stand in for a lesser one: ``ONEDNN_MAX_CPU_ISA`` caps oneDNN's matmuls (``AVX2`` makes bf16 fall to
+the reference kernel) and ``ATEN_CPU_CAPABILITY`` caps ATen's vectorised kernels. The class is the
+least of what the CPU reports and what either variable allows.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# CPU classes, weakest first. "avx512_bf16" and "amx" run bf16 matmuls natively.
+CPU_CLASSES = ("other", "avx2", "avx512", "avx512_bf16", "amx")
+NATIVE_BF16_CLASSES = ("avx512_bf16", "amx")
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA, documented in oneDNN's "CPU dispatcher control") -> the
+# strongest class they allow. Names not listed here (and "ALL"/"DEFAULT") impose no cap.
+_ONEDNN_ISA_CAP = {
+    "SSE41": "other",
+    "AVX": "other",
+    "AVX2": "avx2",
+    "AVX2_VNNI": "avx2",
+    "AVX2_VNNI_2": "avx2",
+    "AVX512_CORE": "avx512",
+    "AVX512_CORE_VNNI": "avx512",
+    "AVX512_CORE_BF16": "avx512_bf16",
+    "AVX512_CORE_FP16": "avx512_bf16",
+    "AVX10_1_512": "avx512_bf16",
+}
+# ATEN_CPU_CAPABILITY values -> the strongest class they allow.
+_ATEN_CAP = {"default": "other", "avx2": "avx2", "avx512": "amx", "zvector": "other"}
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A resolved precision and the reason, as printed at start and saved with the run."""
+
+    precision: str  # "fp32" | "bf16" | "fp16"
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None for full precision."""
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def describe(self, requested: str) -> str:
+        if requested == "auto":
+            return f"precision: auto -> {self.precision} ({self.reason})"
+        return f"precision: {self.precision} ({self.reason})"
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The x86 feature flags the kernel reports (Linux); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _hardware_cpu_class(flags: frozenset[str]) -> str:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return "other"
+    if not flags:  # no /proc/cpuinfo (macOS, Windows): ATen's own dispatch level is all we know
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "other")
+    if {"amx_bf16", "amx_tile", "avx512_bf16"} <= flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "other"
+
+
+def _weaker(a: str, b: str) -> str:
+    return a if CPU_CLASSES.index(a) <= CPU_CLASSES.index(b) else b
+
+
+@functools.cache
+def cpu_class() -> str:
+    """This CPU's class (one of :data:`CPU_CLASSES`), capped by the emulation variables."""
+    found = _hardware_cpu_class(_cpu_flags())
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))
+    found = _weaker(found, _ONEDNN_ISA_CAP.get(onednn.strip().upper(), "amx"))
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    return _weaker(found, _ATEN_CAP.get(aten, "amx"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls with bf16 instructions (AVX-512-BF16 or AMX)."""
+    return cpu_class() in NATIVE_BF16_CLASSES
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` -> ``cuda:<local_rank>``.
+
+    Raises:
+        ValueError: the name is not a device, or names a CUDA device this machine does not have;
+            the message quotes the name.
+    """
+    name = preference.strip()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {preference!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {preference!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} asked for, but CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {preference!r} asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def resolve_precision(requested: str, device: torch.device | str) -> PrecisionChoice:
+    """What ``requested`` (``auto``/``fp32``/``bf16``/``fp16``) means on ``device``.
+
+    An explicit ``bf16`` on a CPU without native bf16 is honoured with a warning that says how much
+    slower it will be; ``fp16`` is CUDA-only (it needs loss scaling, which CPU autocast lacks).
+
+    Raises:
+        ValueError: an unknown name, or fp16 on a CPU.
+    """
+    device = torch.device(device)
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r} (use {', '.join(PRECISIONS)})")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if requested == "auto":
+            if has_bf16:
+                return PrecisionChoice("bf16", f"CUDA {name} supports bf16")
+            return PrecisionChoice("fp16", f"CUDA {name} without bf16: fp16 with loss scaling")
+        if requested == "bf16" and not has_bf16:
+            warnings.warn(f"bf16 on {name}, which lacks native bf16, is emulated and slow", stacklevel=2)
+        return PrecisionChoice(requested, f"asked for, on CUDA {name}")
+    cls = cpu_class()
+    if requested == "fp16":
+        raise ValueError("precision fp16 needs CUDA (loss scaling); use auto, bf16 or fp32 on CPU")
+    if requested == "auto":
+        if cls in NATIVE_BF16_CLASSES:
+            return PrecisionChoice("bf16", f"CPU with native bf16: {cls}")
+        return PrecisionChoice("fp32", f"CPU without native bf16: {cls}")
+    if requested == "bf16" and cls not in NATIVE_BF16_CLASSES:
+        warnings.warn(
+            f"precision bf16 on a CPU without native bf16 ({cls}): PyTorch falls back to a "
+            "reference kernel, about 16x slower than fp32 (benchmarks/RESULTS.md); "
+            "use precision auto or fp32",
+            stacklevel=2,
+        )
+        return PrecisionChoice("bf16", f"asked for; CPU without native bf16: {cls}, slow")
+    return PrecisionChoice(requested, f"asked for, on CPU class {cls}")
