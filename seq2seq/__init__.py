@@ -4,23 +4,37 @@ The modules follow the data flow: config -> tokenizer/data -> model -> train -> 
 search/translate/sample -> evaluate. The names below are the public API.
 
 Each name is imported from its module on first use (PEP 562), so ``import seq2seq`` loads no
-submodule and no torch, and ``python -m seq2seq.translate`` does not find its own module already
-imported by the package.
+submodule and no torch, changes no environment variable, and ``python -m seq2seq.translate`` does
+not find its own module already imported by the package. The ``TYPE_CHECKING`` block below gives
+type checkers and editors the same names as plain imports (go-to-definition works).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Large CPU tensors (a step's logits are ~100 MB) go on transparent huge pages: every fresh
-# allocation is otherwise page-faulted in 4 KiB at a time, which cost 13% of a Multi30k training
-# run's CPU time (benchmarks/RESULTS.md). PyTorch reads this once, when it is first imported, so
-# it only takes effect when seq2seq is imported before torch (as in every `seq2seq` command).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+if TYPE_CHECKING:
+    from seq2seq.checkpoint import CheckpointError, average_checkpoints, load_model, save_checkpoint
+    from seq2seq.config import (
+        PRESETS,
+        ConfigError,
+        DataConfig,
+        DecodeConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+        load_config,
+    )
+    from seq2seq.data import Batch, DataError, TokenizedCorpus, batch_indices, collate, prepare
+    from seq2seq.evaluate import score
+    from seq2seq.loss import label_smoothed_nll
+    from seq2seq.model import GPT, Transformer, build_model
+    from seq2seq.search import beam_search, greedy
+    from seq2seq.tokenizer import Tokenizer, train_tokenizer
+    from seq2seq.translate import translate_lines
 
 # public name -> the module that defines it; the same names as __all__ (tests/test_package.py)
 _MODULE_OF = {

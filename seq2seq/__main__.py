@@ -3,7 +3,30 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# Process settings that PyTorch and OpenMP read once, when torch is first imported, so they can only
+# be set here, at the command-line edge, before any subcommand imports torch (and never by
+# ``import seq2seq``, which must not change the environment of a program that imports us). A value
+# the user already set wins. recipes/tools/stages.sh and .ci/run export the same defaults for
+# ``python -m seq2seq.<module>`` runs.
+PROCESS_DEFAULTS = {
+    # Idle OpenMP threads sleep instead of spinning. Spinning made two-thread runs 6-40x slower when
+    # the cores were shared (benchmarks/RESULTS.md); this depends on the load, not on the CPU class.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # Large CPU tensors (a step's logits are ~100 MB) go on transparent huge pages instead of being
+    # page-faulted in 4 KiB at a time (13% of a Multi30k run's CPU time went to page faults). It is
+    # a no-op where the kernel's THP setting is "never", so it is safe on every machine.
+    "THP_MEM_ALLOC_ENABLE": "1",
+}
+
+
+def configure_process() -> None:
+    """Set :data:`PROCESS_DEFAULTS` that the user has not set; call before torch is imported."""
+    for name, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 # subcommand -> (module, one-line help). Each module exposes ``main(argv) -> int``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -31,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0 if argv else 2
     module_name, _ = SUBCOMMANDS[argv[0]]
+    configure_process()
     module = importlib.import_module(module_name)
     return int(module.main(argv[1:]) or 0)
 

@@ -83,7 +83,9 @@ def _hardware_cpu_class(flags: frozenset[str]) -> str:
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return "other"
     if not flags:  # no /proc/cpuinfo (macOS, Windows): ATen's own dispatch level is all we know
-        return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "other")
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(
+            torch.backends.cpu.get_cpu_capability(), "other"
+        )
     if {"amx_bf16", "amx_tile", "avx512_bf16"} <= flags:
         return "amx"
     if "avx512_bf16" in flags:
@@ -163,7 +165,9 @@ def resolve_precision(requested: str, device: torch.device | str) -> PrecisionCh
                 return PrecisionChoice("bf16", f"CUDA {name} supports bf16")
             return PrecisionChoice("fp16", f"CUDA {name} without bf16: fp16 with loss scaling")
         if requested == "bf16" and not has_bf16:
-            warnings.warn(f"bf16 on {name}, which lacks native bf16, is emulated and slow", stacklevel=2)
+            warnings.warn(
+                f"bf16 on {name}, which lacks native bf16, is emulated and slow", stacklevel=2
+            )
         return PrecisionChoice(requested, f"asked for, on CUDA {name}")
     cls = cpu_class()
     if requested == "fp16":

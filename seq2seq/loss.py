@@ -19,46 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from seq2seq.kernels import SmoothedNLL
 from seq2seq.tokenizer import PAD_ID
-
-
-class _SmoothedNLL(torch.autograd.Function):
-    """Both sums from one float32 copy of the logits, which the backward turns into the gradient.
-
-    With ``z`` the logits of one token, ``lse = logsumexp(z)`` and ``w`` 1 for kept tokens else 0:
-    ``nll = w (lse - z_y)``, the uniform term ``sum_j -log p_j = v lse - sum_j z_j``, and
-    ``d loss / dz = w (softmax(z) - q)``. Padding rows stay in the matrix with weight 0: selecting
-    the kept rows would copy the logits forward and scatter zeros into a full-size gradient back.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, epsilon: float
-    ):
-        z = logits if logits.dtype == torch.float64 else logits.float()
-        weight = keep.to(z.dtype)
-        lse = torch.logsumexp(z, dim=-1)
-        nll_sum = ((lse - z.gather(-1, target[:, None]).squeeze(-1)) * weight).sum()
-        loss_sum = nll_sum
-        if epsilon > 0.0:
-            uniform_sum = ((lse * z.size(-1) - z.sum(dim=-1)) * weight).sum()
-            loss_sum = (1.0 - epsilon) * nll_sum + (epsilon / z.size(-1)) * uniform_sum
-        ctx.save_for_backward(z, lse, target, weight)
-        ctx.epsilon, ctx.logits_dtype, ctx.owns_buffer = epsilon, logits.dtype, z is not logits
-        return loss_sum, nll_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, grad_nll: torch.Tensor):
-        z, lse, target, weight = ctx.saved_tensors
-        eps, vocab = ctx.epsilon, z.size(-1)
-        # The float32 copy is ours to overwrite; fp32 logits belong to the caller.
-        grad = z.sub_(lse[:, None]) if ctx.owns_buffer else z - lse[:, None]
-        grad.exp_().mul_((weight * (grad_loss + grad_nll))[:, None])
-        if eps > 0.0:
-            grad.sub_((weight * (grad_loss * eps / vocab))[:, None])
-        target_grad = weight * (grad_loss * (1.0 - eps) + grad_nll)
-        grad.scatter_add_(-1, target[:, None], -target_grad[:, None])
-        return grad.to(ctx.logits_dtype), None, None, None
 
 
 def label_smoothed_nll(
@@ -70,9 +32,9 @@ def label_smoothed_nll(
     """Sum of the label-smoothed loss and of the plain NLL over non-ignored target tokens.
 
     The softmax is computed in float32 even when ``logits`` come from bf16/fp16 autocast, so the
-    loss sums keep full precision. Forward and backward are fused by hand (``_SmoothedNLL``): the
-    (tokens x vocab) matrix is a large share of a small model's step, and autograd's version reads
-    and writes it several more times (benchmarks/RESULTS.md).
+    loss sums keep full precision. Forward and backward are fused by hand
+    (``seq2seq.kernels.SmoothedNLL``): the (tokens x vocab) matrix is a large share of a small
+    model's step, and autograd's version reads and writes it several more times.
 
     Args:
         logits: ``(b, t, v)`` or ``(n, v)`` unnormalised scores.
@@ -91,5 +53,5 @@ def label_smoothed_nll(
     keep = target != ignore_index
     # Ignored positions get weight 0; id 0 keeps the gather in range for any ignore_index (-100).
     safe_target = torch.where(keep, target, 0)
-    loss_sum, nll_sum = _SmoothedNLL.apply(logits.reshape(-1, vocab), safe_target, keep, epsilon)
+    loss_sum, nll_sum = SmoothedNLL.apply(logits.reshape(-1, vocab), safe_target, keep, epsilon)
     return loss_sum, nll_sum, keep.sum()

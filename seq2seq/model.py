@@ -22,37 +22,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from seq2seq.config import ModelConfig
+from seq2seq.kernels import Dropout, attention
 from seq2seq.tokenizer import PAD_ID
-
-# --------------------------------------------------------------------------- dropout
-
-
-class Dropout(nn.Module):
-    """Inverted dropout. Same maths as ``nn.Dropout``, with a cheaper mask on CPU: four 16-bit
-    keep-decisions per 64-bit random draw, ``p`` rounded to a multiple of 1/65536 and the kept
-    values scaled by the exact ``1 / (1 - p_rounded)``. The Bernoulli sampler ``nn.Dropout`` uses is
-    ~4x slower there (benchmarks/RESULTS.md), and dropout masks are a visible share of a small
-    model's CPU step."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-        self.threshold = round(p * 65536) - 32768  # keep a 16-bit value v when v >= threshold
-        self.scale = 65536 / (32768 - self.threshold) if self.threshold < 32768 else 0.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x * keep * self.scale
-
 
 # --------------------------------------------------------------------------- attention (3.2)
 
@@ -88,24 +61,7 @@ class MultiHeadAttention(nn.Module):
         """
         q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)
         dropout = self.dropout if self.training else 0.0
-        low_precision = torch.is_autocast_enabled("cpu") or q.dtype != torch.float32
-        if (
-            q.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and low_precision
-            and key.shape[2] <= 128
-        ):
-            # PyTorch's CPU flash-attention backward in bf16 is 3-5x slower than plain
-            # matmul-softmax for short sequences (benchmarks/RESULTS.md); in fp32, and for
-            # inference, flash is the faster one.
-            with sdpa_kernel(SDPBackend.MATH):
-                attended = F.scaled_dot_product_attention(
-                    q, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
-                )
-        else:
-            attended = F.scaled_dot_product_attention(
-                q, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
-            )
+        attended = attention(q, key, value, mask, dropout, is_causal)
         return self.out_proj(rearrange(attended, "b h t d -> b t (h d)"))
 
     def forward(

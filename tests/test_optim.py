@@ -90,11 +90,21 @@ def test_optimizer_settings_and_weight_decay_groups():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_fused_optimizer_takes_the_same_steps_as_the_reference(weight_decay):
-    """The fused kernel is chosen on CPU and follows PyTorch's per-tensor Adam(W)."""
+    """The fused kernel is chosen on CPU and follows PyTorch's per-tensor Adam(W).
+
+    Both optimizers get the same gradients (bounded away from zero, so that m / sqrt(v) is
+    well-conditioned and rounding is not amplified through the model), so the only difference is
+    the order and vectorisation of float32 arithmetic, which varies by CPU class. Per step, the
+    update lr * m_hat / (sqrt(v_hat) + eps) is a handful of float32 operations, each off by at most
+    half an ulp (2^-24 relative), and m, v carry the earlier steps' rounding; the parameter then
+    takes one (two with decoupled weight decay) roundings of its own magnitude. The bound below
+    sums those over the steps.
+    """
     torch.manual_seed(0)
     fused_model, reference_model = _model(), _model()
     reference_model.load_state_dict(fused_model.state_dict())
-    config = TrainConfig(lr=1e-2, weight_decay=weight_decay)
+    lr, steps = 1e-2, 5
+    config = TrainConfig(lr=lr, weight_decay=weight_decay)
     fused = build_optimizer(fused_model, config)
     assert fused.defaults["fused"] is True
     twin = dict(zip(map(id, fused_model.parameters()), reference_model.parameters()))
@@ -104,13 +114,19 @@ def test_fused_optimizer_takes_the_same_steps_as_the_reference(weight_decay):
     ]
     reference_type = torch.optim.AdamW if weight_decay else torch.optim.Adam
     reference = reference_type(
-        groups, lr=1e-2, betas=config.adam_betas, eps=config.adam_eps, foreach=False
+        groups, lr=lr, betas=config.adam_betas, eps=config.adam_eps, foreach=False
     )
-    tokens = torch.randint(0, 10, (4, 6))
-    for _ in range(5):
-        for model, optimizer in ((fused_model, fused), (reference_model, reference)):
-            optimizer.zero_grad()
-            model(tokens).pow(2).sum().backward()
-            optimizer.step()
+    for _ in range(steps):
+        for param, twin_param in zip(fused_model.parameters(), reference_model.parameters()):
+            magnitude = torch.empty_like(param).uniform_(0.1, 1.0)
+            gradient = magnitude * torch.randint_like(param, 0, 2).mul_(2).sub_(1)
+            param.grad, twin_param.grad = gradient.clone(), gradient.clone()
+        fused.step()
+        reference.step()
+    # |m_hat / sqrt(v_hat)| <= sqrt(max g^2 / min g^2) over the steps: at most 1 / 0.1 here.
+    update_bound = lr * 10.0
+    unit = 2.0**-24
     for a, b in zip(fused_model.parameters(), reference_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        magnitude = max(a.abs().max().item(), b.abs().max().item()) + steps * update_bound
+        per_step = 2 * unit * magnitude + 16 * steps * unit * update_bound
+        torch.testing.assert_close(a, b, rtol=0, atol=steps * per_step)

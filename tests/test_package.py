@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,11 +67,42 @@ def _huge_pages_possible() -> bool:
         return False
 
 
+def test_import_seq2seq_changes_no_environment_variable():
+    code = "import os, json; before = dict(os.environ); import seq2seq; print(dict(os.environ) == before)"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+def test_type_checking_imports_name_every_public_name():
+    """Editors and type checkers read the TYPE_CHECKING block; it must list exactly ``__all__``."""
+    import ast
+
+    tree = ast.parse(Path(seq2seq.__file__).read_text(encoding="utf-8"))
+    block = next(node for node in tree.body if isinstance(node, ast.If))
+    imported = {
+        alias.name: node.module
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported == seq2seq._MODULE_OF
+
+
 @pytest.mark.skipif(not _huge_pages_possible(), reason="no transparent huge pages on this kernel")
-def test_importing_seq2seq_first_puts_large_tensors_on_huge_pages():
-    """Touching a fresh 256 MiB tensor costs ~65,000 page faults on 4 KiB pages, ~128 on huge ones."""
+def test_command_line_edge_puts_large_tensors_on_huge_pages():
+    """Touching a fresh 256 MiB tensor costs ~65,000 page faults on 4 KiB pages, ~128 on huge ones.
+
+    ``seq2seq.__main__.configure_process`` (what the ``seq2seq`` command runs before importing a
+    subcommand) sets THP_MEM_ALLOC_ENABLE; a plain ``import seq2seq`` does not.
+    """
     code = (
-        "import os, resource{first}; import torch; "
+        "import os, resource, seq2seq{first}; import torch; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
         "torch.ones(64 * 2**20); "
         "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), "
@@ -78,7 +110,7 @@ def test_importing_seq2seq_first_puts_large_tensors_on_huge_pages():
     )
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     faults = {}
-    for first in (", seq2seq", ""):
+    for first in ("; import seq2seq.__main__ as cli; cli.configure_process()", ""):
         result = subprocess.run(
             [sys.executable, "-c", code.format(first=first)],
             capture_output=True,
@@ -89,4 +121,5 @@ def test_importing_seq2seq_first_puts_large_tensors_on_huge_pages():
         assert result.returncode == 0, result.stderr
         setting, faults[first] = result.stdout.split()
         assert setting == ("1" if first else "None")
-    assert int(faults[", seq2seq"]) < 4_000 < 40_000 < int(faults[""])
+    with_edge, plain = faults.values()
+    assert int(with_edge) < 4_000 < 40_000 < int(plain)

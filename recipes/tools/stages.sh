@@ -13,6 +13,8 @@ STAGE="${STAGE:-}"
 # (measured here: a training update 6x slower with two busy neighbours); passive waiting costs
 # little on an idle machine.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# Large tensors on transparent huge pages (the same defaults as seq2seq/__main__.py's).
+export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
 
 run_stage() {
     local n="$1" name="$2" stdout=""
