@@ -28,6 +28,23 @@ class DistInfo:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What torchrun told this process (all zeros and one without torchrun)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv:
+    """Read RANK, WORLD_SIZE and LOCAL_RANK; valid before and after the process group exists."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return LaunchEnv(rank, world_size, local_rank)
+
+
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA when available else CPU; ``cuda`` -> ``cuda:<local_rank>``; else as given.
 
@@ -54,9 +71,8 @@ def setup(device_preference: str = "auto") -> DistInfo:
     Returns:
         This process's :class:`DistInfo`.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    env = launch_env()
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -72,13 +72,6 @@ def copy_task(tmp_path_factory) -> tuple[Path, Path]:
     return root / "corpus", root / "prepared"
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step_{step}" / "model.safetensors"))
 
