@@ -142,7 +142,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 0.0  # 0 = no clipping
     label_smoothing: float = 0.1
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16: CUDA only, with loss scaling)
+    # "auto" | "fp32" | "bf16" | "fp16". auto: bf16 where the device computes it natively, fp16 with
+    # loss scaling on CUDA without bf16, else fp32 (seq2seq.hardware.resolve_precision); it is
+    # resolved again on each start, so a resume on other hardware chooses afresh.
+    precision: str = "auto"
     compile: bool = False
     tf32: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -161,7 +164,7 @@ class TrainConfig:
         _check_choice(
             "train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "cosine", "constant")
         )
-        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.best_metric", self.best_metric, ("valid_loss", "bleu"))
         if self.update_freq < 1:
             raise ConfigError("train.update_freq must be >= 1")
@@ -297,8 +300,22 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     return config
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(
+    config: RunConfig, path: str | Path, comments: dict[str, str] | None = None
+) -> None:
+    """Write ``config`` as YAML; ``comments`` maps dotted keys (``train.precision``) to a note
+    written as a YAML comment at the end of that key's line (``load_config`` ignores it)."""
+    lines = yaml.safe_dump(config.to_dict(), sort_keys=False).splitlines()
+    section = ""
+    for i, line in enumerate(lines):
+        if not line.startswith(" "):
+            section = line.split(":", 1)[0]
+            key = section
+        else:
+            key = f"{section}.{line.strip().split(':', 1)[0]}"
+        if comments and key in comments:
+            lines[i] = f"{line}  # {' '.join(comments[key].splitlines())}"
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def replace(config: Any, **changes: Any) -> Any:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seq2seq import hardware
+from seq2seq.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,23 +48,6 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, world_size, local_rank)
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` -> ``cuda:<local_rank>``; else as given.
-
-    Raises:
-        RuntimeError: CUDA was asked for but is not available.
-    """
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(preference)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={preference!r} but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def setup(device_preference: str = "auto") -> DistInfo:
     """Read torchrun's environment, pick the device and join the process group when world > 1.
 
@@ -70,10 +56,16 @@ def setup(device_preference: str = "auto") -> DistInfo:
 
     Returns:
         This process's :class:`DistInfo`.
+
+    Raises:
+        ConfigError: ``device_preference`` is no device, or one this machine lacks.
     """
     env = launch_env()
     rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
-    device = resolve_device(device_preference, local_rank)
+    try:
+        device = hardware.resolve_device(device_preference, local_rank)
+    except ValueError as error:
+        raise ConfigError(f"train.device: {error}") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

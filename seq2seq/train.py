@@ -77,6 +77,7 @@ from seq2seq.data import (
     lm_eval_batches,
     prepare,
 )
+from seq2seq.hardware import PrecisionChoice, resolve_precision
 from seq2seq.loss import label_smoothed_nll
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
@@ -168,6 +169,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # language-model block sampling
+
+    precision: PrecisionChoice  # train.precision resolved for this device
     progress: Progress = field(default_factory=Progress)
     tokenizer: Tokenizer | None = None
     train_corpus: Corpus | None = None
@@ -176,9 +179,7 @@ class Run:
     @property
     def dtype(self) -> torch.dtype | None:
         """The autocast dtype, or None for full precision."""
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            self.config.train.precision
-        ]
+        return self.precision.dtype
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -252,12 +253,15 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     """Check the settings, prepare the data, build model/optimizer/corpora and resume if possible."""
     tc, device = config.train, info.device
     _check_settings(config, device)
+    precision = resolve_train_precision(tc, device)
+    described = precision.describe(tc.precision)
     _seed_everything(tc.seed + info.rank)
     out_dir = Path(tc.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-        save_config(config, out_dir / "config.yaml")
+        print(described, flush=True)
+        save_config(config, out_dir / "config.yaml", {"train.precision": described})
         prepare(config)  # idempotent; one process writes, the others wait at the barrier
     distributed.barrier()
     prepared = config.prepared_dir()
@@ -278,6 +282,7 @@ def build_run(
     src_vocab_size: int,
     tgt_vocab_size: int,
     resume_dir: Path | None = None,
+    precision: PrecisionChoice | None = None,
 ) -> Run:
     """Model, optimizer, scheduler and grad scaler (restored from ``resume_dir`` when given),
     then compiled and DDP-wrapped; no data. ``benchmarks/bench_train.py`` steps one of these."""
@@ -286,9 +291,11 @@ def build_run(
     model.to(device)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    precision = precision or resolve_train_precision(tc, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")
     generator = torch.Generator().manual_seed(tc.seed + info.rank)
-    run = Run(config, info, model, model, model, optimizer, scheduler, scaler, generator)
+    parts = model, model, model, optimizer, scheduler, scaler, generator, precision
+    run = Run(config, info, *parts)
     if resume_dir is not None:
         _resume(run, resume_dir)
     run.forward_model = torch.compile(model) if tc.compile else model
@@ -297,6 +304,18 @@ def build_run(
         device_ids = [device.index] if device.type == "cuda" else None
         run.net = DistributedDataParallel(run.forward_model, device_ids=device_ids)
     return run
+
+
+def resolve_train_precision(tc: TrainConfig, device: torch.device) -> PrecisionChoice:
+    """``train.precision`` on ``device`` (see :func:`seq2seq.hardware.resolve_precision`).
+
+    Raises:
+        ConfigError: a precision the device cannot run (fp16 on a CPU).
+    """
+    try:
+        return resolve_precision(tc.precision, device)
+    except ValueError as error:
+        raise ConfigError(f"train.precision={tc.precision}: {error}") from None
 
 
 def _resume(run: Run, directory: Path) -> None:
@@ -503,8 +522,6 @@ def _save(run: Run, improved: bool) -> None:
 
 def _check_settings(config: RunConfig, device: torch.device) -> None:
     """Settings the config cannot check alone: they depend on the device or the data format."""
-    if config.train.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA (loss scaling); use bf16 on CPU")
     if config.model.arch == "gpt" and (config.train.eval_every == 0 or config.train.max_epochs):
         raise ConfigError(
             "language-model training draws random blocks and has no epochs: set "
