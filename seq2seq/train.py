@@ -17,7 +17,15 @@ epoch's batch list and every rank's RNG states. A run restarted with the same ``
 A decoder-only run (``model.arch=gpt``, ``data.format=lm``) draws random blocks with a saved
 ``torch.Generator`` instead of walking epochs, and validates on fixed ``lm_eval_batches``.
 Training stops at ``max_steps``, ``max_epochs``, ``max_minutes``, after ``patience`` evaluations
-without improvement, or on SIGINT/SIGTERM (the update in flight is finished and saved first).
+without improvement, or on SIGINT/SIGTERM (the update in flight is finished and saved first, with
+no extra evaluation, so that ``best`` and the patience count resume exactly as if uninterrupted).
+``max_minutes`` is the run's budget, not the process's: the time trained so far is saved in each
+checkpoint (``counters.elapsed_seconds``) and a resume spends only what is left.
+
+Run directory guards (``seq2seq.rundir``): one process trains in an ``out_dir`` at a time
+(``<out_dir>/.lock``); a resume stops when checkpoints exist but none loads (``train.resume``) or
+when the config differs from the checkpoint's in what defines the run
+(``train.allow_config_change``).
 Losses are reported per target token in nats; ``ppl = exp(nll)``.
 
 Faults: an update whose loss is NaN/Inf is skipped and counted (under fp16 the grad scaler also
@@ -55,7 +63,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from seq2seq import distributed
+from seq2seq import distributed, rundir
 from seq2seq.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -90,7 +98,7 @@ if TYPE_CHECKING:
 MAX_NONFINITE_IN_A_ROW = 5
 MAX_OOM_IN_A_ROW = 3
 BLEU_BATCH_SENTENCES = 64
-STOP_REQUESTED = "stop requested (signal or time)"
+STOP_REQUESTED = "stop requested (signal); resume with the same command"
 
 Corpus = TokenizedCorpus | LMCorpus
 
@@ -105,6 +113,7 @@ class Progress:
     epoch_done: bool = False
     best: float | None = None  # best value of train.best_metric so far
     bad_evals: int = 0  # evaluations in a row without improvement
+    elapsed_seconds: float = 0.0  # wall-clock time trained so far, all resumes together
 
     def counters(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,7 +211,9 @@ def train(config: RunConfig) -> dict[str, float]:
     """
     info = distributed.setup(config.train.device)
     try:
-        with torch_settings(config.train, info.device):
+        _check_settings(config, info.device)  # before the lock creates out_dir
+        run_lock = rundir.locked(config.train.out_dir) if info.is_main else nullcontext()
+        with torch_settings(config.train, info.device), run_lock:
             return _loop(setup(config, info))
     finally:
         distributed.teardown()
@@ -258,7 +269,7 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     _seed_everything(tc.seed + info.rank)
     out_dir = Path(tc.out_dir)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        resume = rundir.choose_resume(config)  # before anything in out_dir is rewritten
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         print(described, flush=True)
         save_config(config, out_dir / "config.yaml", {"train.precision": described})
@@ -266,8 +277,11 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     distributed.barrier()
     prepared = config.prepared_dir()
     tokenizer = Tokenizer.load(prepared / "tokenizer")
-    resume_dir = find_resume_checkpoint(out_dir)
-    run = build_run(config, info, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, resume_dir)
+    if not info.is_main:  # rank 0 chose and checked; the same files give the others the same
+        resume_dir = find_resume_checkpoint(out_dir)
+        resume = None if resume_dir is None else (resume_dir, load_trainer_state(resume_dir))
+    vocab_sizes = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
+    run = build_run(config, info, *vocab_sizes, resume, precision)
     run.log(f"model: {count_parameters(run.model):,} parameters on {device} x{info.world_size}")
     run.tokenizer = tokenizer
     corpus = LMCorpus if config.model.arch == "gpt" else TokenizedCorpus
@@ -281,10 +295,11 @@ def build_run(
     info: distributed.DistInfo,
     src_vocab_size: int,
     tgt_vocab_size: int,
-    resume_dir: Path | None = None,
+    resume: tuple[Path, dict[str, Any]] | None = None,
     precision: PrecisionChoice | None = None,
 ) -> Run:
-    """Model, optimizer, scheduler and grad scaler (restored from ``resume_dir`` when given),
+    """Model, optimizer, scheduler and grad scaler (restored from ``resume`` = (checkpoint
+    directory, its trainer state) when given),
     then compiled and DDP-wrapped; no data. ``benchmarks/bench_train.py`` steps one of these."""
     tc, device = config.train, info.device
     model = build_model(config.model, src_vocab_size, tgt_vocab_size)
@@ -296,8 +311,8 @@ def build_run(
     generator = torch.Generator().manual_seed(tc.seed + info.rank)
     parts = model, model, model, optimizer, scheduler, scaler, generator, precision
     run = Run(config, info, *parts)
-    if resume_dir is not None:
-        _resume(run, resume_dir)
+    if resume is not None:
+        _resume(run, *resume)
     run.forward_model = torch.compile(model) if tc.compile else model
     run.net = run.forward_model
     if info.world_size > 1:
@@ -318,8 +333,7 @@ def resolve_train_precision(tc: TrainConfig, device: torch.device) -> PrecisionC
         raise ConfigError(f"train.precision={tc.precision}: {error}") from None
 
 
-def _resume(run: Run, directory: Path) -> None:
-    saved = load_trainer_state(directory)
+def _resume(run: Run, directory: Path, saved: dict[str, Any]) -> None:
     load_weights(run.model, directory)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -417,20 +431,20 @@ def _loop(run: Run) -> dict[str, float]:
     writer = _tensorboard(run)
     stop_signal = threading.Event()
     previous_handlers = _install_signal_handlers(stop_signal)
-    start = time.monotonic()
-    window, faults = Window(time=start), Faults()
+    start = time.monotonic() - progress.elapsed_seconds  # the budget is the run's (resumes too)
+    window, faults = Window(time=time.monotonic()), Faults()
     metrics: dict[str, float] = {}
     logged_loss = math.nan
     stop = _finished(progress, tc)  # why training stops; None goes on (a resume may be done)
 
-    def stop_vote() -> list[float]:
+    def stop_votes() -> list[float]:
         time_up = tc.max_minutes > 0 and time.monotonic() - start > tc.max_minutes * 60
-        return [float(stop_signal.is_set() or time_up)]
+        return [float(stop_signal.is_set()), float(time_up)]
 
     try:
         while stop is None:
             progress.epoch, progress.position, progress.epoch_done, batches = next(updates)
-            result = train_step(run, batches, stop_vote)
+            result = train_step(run, batches, stop_votes)
             if result.outcome is not Outcome.UPDATED:
                 stop = _skipped(run, faults, result)
                 continue
@@ -440,24 +454,27 @@ def _loop(run: Run) -> dict[str, float]:
             window.tokens, window.updates = window.tokens + result.tokens, window.updates + 1
             if run.info.is_main and tc.log_every and progress.step % tc.log_every == 0:
                 logged_loss = _log_train(window, progress, result, tc, start, writer)
-            stop = _finished(progress, tc) or (STOP_REQUESTED if any(result.votes) else None)
+            stop = _finished(progress, tc, *result.votes)
             paused = time.monotonic()  # evaluation and saving do not count towards tokens/s
             improved = False
             evaluate_now = _due(progress, tc.eval_every, progress.epoch_done)
-            if evaluate_now or stop:
+            # An interrupted run saves without an extra evaluation: best and patience must come
+            # out of a resume exactly as out of an uninterrupted run.
+            if evaluate_now or (stop and stop != STOP_REQUESTED):
                 metrics = _validate(run)
                 improved = _update_best(progress, metrics, tc.best_metric)
                 _log_eval(run, metrics, writer)
                 if tc.patience and progress.bad_evals >= tc.patience and not stop:
                     stop = f"no improvement in {tc.patience} evaluations"
             if _due(progress, tc.save_every, evaluate_now) or improved or stop:
+                progress.elapsed_seconds = time.monotonic() - start
                 _save(run, improved)
             window.time += time.monotonic() - paused
     finally:
         _restore_signal_handlers(previous_handlers)
         if writer is not None:
             writer.close()
-    if not metrics:
+    if not metrics and stop != STOP_REQUESTED:  # a preempted process has no time to spare
         metrics = _validate(run)
     run.log(f"stopped at update {progress.step}: {stop}")
     return {
@@ -513,15 +530,30 @@ def _save(run: Run, improved: bool) -> None:
     """Save ``step_<n>`` (rank 0 writes; every rank contributes its RNG states)."""
     tc = run.config.train
     trainer_state = _trainer_state(run)
-    if run.info.is_main:
+    if not run.info.is_main:
+        return
+    try:
         save_training_checkpoint(
             tc.out_dir, run.progress.step, run.model, run.config, run.tokenizer, trainer_state,
             improved, tc.keep_last,
         )  # fmt: skip
+    except OSError as error:  # a full disk, a lost mount: the previous checkpoint stays whole
+        where = error.filename or Path(tc.out_dir) / "checkpoints" / f"step_{run.progress.step}"
+        reason = error.strerror or str(error)
+        raise CheckpointError(f"{where}: cannot save the checkpoint: {reason}") from None
 
 
 def _check_settings(config: RunConfig, device: torch.device) -> None:
     """Settings the config cannot check alone: they depend on the device or the data format."""
+    model, data = config.model, config.data
+    lengths = ["block_size"] if model.arch == "gpt" else ["max_source_len", "max_target_len"]
+    for name in lengths:  # source: pieces + EOS; decoder input: BOS + pieces (or an LM block)
+        if getattr(data, name) > model.max_positions:
+            raise ConfigError(
+                f"model.max_positions ({model.max_positions}) is smaller than data.{name} "
+                f"({getattr(data, name)}, BOS/EOS included): the longest examples would not "
+                f"fit; raise model.max_positions or lower data.{name}"
+            )
     if config.model.arch == "gpt" and (config.train.eval_every == 0 or config.train.max_epochs):
         raise ConfigError(
             "language-model training draws random blocks and has no epochs: set "
@@ -642,12 +674,18 @@ def _validation_bleu(run: Run, corpus: TokenizedCorpus) -> float:
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-def _finished(progress: Progress, tc: TrainConfig) -> str | None:
-    """Why training is complete at this point, or None to go on."""
+def _finished(
+    progress: Progress, tc: TrainConfig, signal_votes: float = 0.0, time_votes: float = 0.0
+) -> str | None:
+    """Why training stops at this point, or None to go on (the run's own ends come first)."""
     if tc.max_steps and progress.step >= tc.max_steps:
         return f"reached train.max_steps={tc.max_steps}"
     if tc.max_epochs and progress.epoch_done and progress.epoch >= tc.max_epochs:
         return f"reached train.max_epochs={tc.max_epochs}"
+    if time_votes:
+        return f"reached train.max_minutes={tc.max_minutes:g}"
+    if signal_votes:
+        return STOP_REQUESTED
     return None
 
 
@@ -761,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = train(load_config(args.config, args.overrides))
     except (ConfigError, DataError, TokenizerError, CheckpointError) as error:
+        print(f"seq2seq train: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. an unwritable out_dir: the message names the path
         print(f"seq2seq train: error: {error}", file=sys.stderr)
         return 2
     if distributed.launch_env().rank == 0:  # the process group is gone by now

@@ -61,7 +61,7 @@ def _raw_config(out_dir: Path, prepared: Path, corpus: Path, **train) -> dict:
         "model": dict(TINY_MODEL, dropout=0.1),
         "data": dict(
             path=str(corpus), tokenizer="char", max_tokens=96, prepared_dir=str(prepared),
-            num_workers=1,
+            num_workers=1, max_source_len=64, max_target_len=64,
         ),
         "train": {
             "out_dir": str(out_dir), "log_every": 1000, "eval_every": 1000, "save_every": 1000,

@@ -47,6 +47,8 @@ def _config(out_dir: Path, prepared: Path, corpus: Path, **train):
                 path=str(corpus),
                 tokenizer="char",
                 max_tokens=96,
+                max_source_len=64,
+                max_target_len=64,
                 prepared_dir=str(prepared),
                 num_workers=1,
             ),
