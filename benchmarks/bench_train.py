@@ -4,9 +4,10 @@
     python benchmarks/bench_train.py --configs transformer_small --precisions bf16 --steps 20
     python benchmarks/bench_train.py --profile --configs transformer_small --precisions bf16
 
-One training step is what ``seq2seq.train`` does per update: forward under autocast, label-smoothed
-loss (``seq2seq.loss.label_smoothed_nll``, eps 0.1), backward, gradients scaled by 1 / target
-tokens, clipping at norm 1, Adam step (``seq2seq.optim``), schedule step, zero grad. The Hugging
+Our training step is ``seq2seq.train.train_step`` itself (the update the trainer runs): forward
+under autocast, label-smoothed loss (``seq2seq.loss.label_smoothed_nll``, eps 0.1), backward,
+gradients scaled by 1 / target tokens, clipping at ``train.clip_norm``, Adam step
+(``seq2seq.optim``), schedule step, zero grad. The Hugging
 Face step is what ``Seq2SeqTrainer`` runs with ``label_smoothing_factor=0.1``: its
 ``LabelSmoother`` on the logits (labels padded with -100), backward, clipping at norm 1, and its
 default optimizer (``adamw_torch_fused``: fused AdamW, weight decay 0) with the same betas, eps and

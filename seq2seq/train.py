@@ -33,6 +33,8 @@ lowers its scale), and ``MAX_NONFINITE_IN_A_ROW`` of them stop the run. A
 ``torch.OutOfMemoryError`` in a forward/backward skips that update (gradients zeroed, CUDA cache
 emptied, a warning printed) and ``MAX_OOM_IN_A_ROW`` of them stop the run; with several processes
 an OOM is re-raised, since the other ranks would wait forever in the gradient all-reduce.
+For the run only (``train()`` puts the previous process-wide settings back when it returns),
+``train.num_threads`` sets torch's intra-op threads and
 ``train.deterministic=true`` turns on ``torch.use_deterministic_algorithms``, sets
 ``cudnn.deterministic`` (and turns ``cudnn.benchmark`` off) and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
 (which cuBLAS needs for reproducible matmuls on GPU); on CPU the same seed and config give
