@@ -4,9 +4,10 @@
     python benchmarks/bench_train.py --configs transformer_small --precisions bf16 --steps 20
     python benchmarks/bench_train.py --profile --configs transformer_small --precisions bf16
 
-One training step is what ``seq2seq.train`` does per update: forward under autocast, label-smoothed
-loss (``seq2seq.loss.label_smoothed_nll``, eps 0.1), backward, gradients scaled by 1 / target
-tokens, clipping at norm 1, Adam step (``seq2seq.optim``), schedule step, zero grad. The Hugging
+Our training step is ``seq2seq.train.train_step`` itself (the update the trainer runs): forward
+under autocast, label-smoothed loss (``seq2seq.loss.label_smoothed_nll``, eps 0.1), backward,
+gradients scaled by 1 / target tokens, clipping at ``train.clip_norm``, Adam step
+(``seq2seq.optim``), schedule step, zero grad. The Hugging
 Face step is what ``Seq2SeqTrainer`` runs with ``label_smoothing_factor=0.1``: its
 ``LabelSmoother`` on the logits (labels padded with -100), backward, clipping at norm 1, and its
 default optimizer (``adamw_torch_fused``: fused AdamW, weight decay 0) with the same betas, eps and
@@ -48,12 +49,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
+from seq2seq import distributed, train  # noqa: E402
 from seq2seq.config import ModelConfig, load_config  # noqa: E402
 from seq2seq.data import Batch, TokenizedCorpus, batch_indices, collate, prepare  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.loss import label_smoothed_nll  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
-from seq2seq.optim import build_optimizer, build_scheduler  # noqa: E402
+from seq2seq.optim import build_scheduler  # noqa: E402
 from seq2seq.tokenizer import PAD_ID, Tokenizer  # noqa: E402
 
 CONFIGS = ("transformer_small", "transformer_base")
@@ -116,14 +118,17 @@ def _worker(settings: dict[str, Any]) -> None:
             ).logits
 
     tc = config.train
-    params = list(network.parameters())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     if settings["impl"] == "ours":
-        optimizer = build_optimizer(network, tc)
+        # The real update of seq2seq.train (world-size factor, NaN skip, clip guard included).
+        cpu = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        run = train.build_run(config, cpu, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+        run.model.load_state_dict(network.state_dict())
+        network = run.model
 
-        def loss_and_scale(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
-            loss, _, _ = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
-            return loss, 1.0 / batch.n_tgt_tokens  # gradients become per-token, as train.py does
+        def step(batch: Batch) -> float:
+            result = train.train_step(run, [batch])
+            return result.loss / result.tokens
 
     else:
         # What Seq2SeqTrainer runs: its LabelSmoother on labels padded with -100, the mean over
@@ -131,16 +136,23 @@ def _worker(settings: dict[str, Any]) -> None:
         from transformers.trainer_pt_utils import LabelSmoother
 
         smoother = LabelSmoother(epsilon=tc.label_smoothing)
+        params = list(network.parameters())
         optimizer = torch.optim.AdamW(
             params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=0.0,
             fused=True,
         )  # fmt: skip
+        scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
 
-        def loss_and_scale(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
+        def step(batch: Batch) -> float:
             labels = batch.tgt_out.masked_fill(batch.tgt_out == PAD_ID, -100)
-            return smoother({"logits": logits}, labels), float(batch.n_tgt_tokens)
-
-    scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
+            with autocast:
+                loss = smoother({"logits": forward(batch)}, labels)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, tc.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
 
     network.eval()
     with torch.no_grad(), autocast:
@@ -148,20 +160,6 @@ def _worker(settings: dict[str, Any]) -> None:
             forward(batches[0]), batches[0].tgt_out, tc.label_smoothing
         )
     network.train()
-
-    def step(batch: Batch) -> float:
-        with autocast:
-            logits = forward(batch)
-            loss, scale = loss_and_scale(logits, batch)
-        loss.backward()
-        if settings["impl"] == "ours":
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_mul_(grads, scale)
-        nn.utils.clip_grad_norm_(params, tc.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item() * scale if settings["impl"] == "ours" else loss.item()
 
     for batch in batches[: settings["warmup"]]:
         step(batch)

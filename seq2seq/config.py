@@ -131,7 +131,9 @@ class TrainConfig:
     seed: int = 1
     max_steps: int = 100_000  # optimizer updates; 0 = no limit
     max_epochs: int = 0  # 0 = no limit
-    max_minutes: float = 0.0  # wall-clock budget; 0 = no limit
+    # Wall-clock budget of the run, not of the process: the time already trained is saved in
+    # each checkpoint and a resume spends only what is left. 0 = no limit.
+    max_minutes: float = 0.0
     update_freq: int = 1  # batches accumulated per update
     lr_schedule: str = "noam"  # "noam" | "inverse_sqrt" | "cosine" | "constant"
     lr: float = 1.0  # noam: multiplier of d_model^-0.5 * min(...); others: the peak rate
@@ -142,7 +144,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 0.0  # 0 = no clipping
     label_smoothing: float = 0.1
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16: CUDA only, with loss scaling)
+    # "auto" | "fp32" | "bf16" | "fp16". auto: bf16 where the device computes it natively, fp16 with
+    # loss scaling on CUDA without bf16, else fp32 (seq2seq.hardware.resolve_precision); it is
+    # resolved again on each start, so a resume on other hardware chooses afresh.
+    precision: str = "auto"
     compile: bool = False
     tf32: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -156,13 +161,26 @@ class TrainConfig:
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     save_every: int = 1000  # updates; 0 = at each evaluation only
     keep_last: int = 5
+    # Existing checkpoints in out_dir: "auto" resumes from the newest loadable one (and stops if
+    # there are some but none loads); "must" stops when there is none; "never" starts from update
+    # 0 after moving the old checkpoints/ aside.
+    resume: str = "auto"
+    allow_config_change: bool = False  # resume although the checkpoint's config differs
 
     def validate(self) -> None:
         _check_choice(
             "train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "cosine", "constant")
         )
-        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.best_metric", self.best_metric, ("valid_loss", "bleu"))
+        _check_choice("train.resume", self.resume, ("auto", "must", "never"))
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir must not be empty")
+        if self.eval_bleu and self.eval_bleu_sentences < 1:
+            raise ConfigError(
+                f"train.eval_bleu_sentences must be >= 1 with train.eval_bleu=true, "
+                f"got {self.eval_bleu_sentences}"
+            )
         if self.update_freq < 1:
             raise ConfigError("train.update_freq must be >= 1")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -285,7 +303,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from nested plain data (as YAML gives)."""
     raw = dict(raw)
-    model_raw = dict(raw.get("model") or {})
+    model_raw = raw.get("model")
+    if model_raw is None:
+        model_raw = {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"model: expected a mapping of settings, got {model_raw!r}")
+    model_raw = dict(model_raw)
     preset = model_raw.get("preset", "")
     if preset:
         if preset not in PRESETS:
@@ -297,8 +320,22 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     return config
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(
+    config: RunConfig, path: str | Path, comments: dict[str, str] | None = None
+) -> None:
+    """Write ``config`` as YAML; ``comments`` maps dotted keys (``train.precision``) to a note
+    written as a YAML comment at the end of that key's line (``load_config`` ignores it)."""
+    lines = yaml.safe_dump(config.to_dict(), sort_keys=False).splitlines()
+    section = ""
+    for i, line in enumerate(lines):
+        if not line.startswith(" "):
+            section = line.split(":", 1)[0]
+            key = section
+        else:
+            key = f"{section}.{line.strip().split(':', 1)[0]}"
+        if comments and key in comments:
+            lines[i] = f"{line}  # {' '.join(comments[key].splitlines())}"
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def replace(config: Any, **changes: Any) -> Any:
@@ -319,7 +356,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or an empty section in the YAML
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"{key}: {part!r} is not a section")
         node = child
@@ -347,7 +386,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(annotation: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value or {}, path)
+        if value is None:  # "train:" with nothing under it
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: a section takes settings ({path}.KEY=VALUE), got {value!r}")
+        return _build(annotation, value, path)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         errors = []

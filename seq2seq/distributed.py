@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seq2seq import hardware
+from seq2seq.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,21 +31,21 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` -> ``cuda:<local_rank>``; else as given.
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What torchrun told this process (all zeros and one without torchrun)."""
 
-    Raises:
-        RuntimeError: CUDA was asked for but is not available.
-    """
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(preference)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={preference!r} but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv:
+    """Read RANK, WORLD_SIZE and LOCAL_RANK; valid before and after the process group exists."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return LaunchEnv(rank, world_size, local_rank)
 
 
 def setup(device_preference: str = "auto") -> DistInfo:
@@ -53,11 +56,16 @@ def setup(device_preference: str = "auto") -> DistInfo:
 
     Returns:
         This process's :class:`DistInfo`.
+
+    Raises:
+        ConfigError: ``device_preference`` is no device, or one this machine lacks.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = resolve_device(device_preference, local_rank)
+    env = launch_env()
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
+    try:
+        device = hardware.resolve_device(device_preference, local_rank)
+    except ValueError as error:
+        raise ConfigError(f"train.device: {error}") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -17,7 +17,15 @@ epoch's batch list and every rank's RNG states. A run restarted with the same ``
 A decoder-only run (``model.arch=gpt``, ``data.format=lm``) draws random blocks with a saved
 ``torch.Generator`` instead of walking epochs, and validates on fixed ``lm_eval_batches``.
 Training stops at ``max_steps``, ``max_epochs``, ``max_minutes``, after ``patience`` evaluations
-without improvement, or on SIGINT/SIGTERM (the update in flight is finished and saved first).
+without improvement, or on SIGINT/SIGTERM (the update in flight is finished and saved first, with
+no extra evaluation, so that ``best`` and the patience count resume exactly as if uninterrupted).
+``max_minutes`` is the run's budget, not the process's: the time trained so far is saved in each
+checkpoint (``counters.elapsed_seconds``) and a resume spends only what is left.
+
+Run directory guards (``seq2seq.rundir``): one process trains in an ``out_dir`` at a time
+(``<out_dir>/.lock``); a resume stops when checkpoints exist but none loads (``train.resume``) or
+when the config differs from the checkpoint's in what defines the run
+(``train.allow_config_change``).
 Losses are reported per target token in nats; ``ppl = exp(nll)``.
 
 Faults: an update whose loss is NaN/Inf is skipped and counted (under fp16 the grad scaler also
@@ -25,6 +33,8 @@ lowers its scale), and ``MAX_NONFINITE_IN_A_ROW`` of them stop the run. A
 ``torch.OutOfMemoryError`` in a forward/backward skips that update (gradients zeroed, CUDA cache
 emptied, a warning printed) and ``MAX_OOM_IN_A_ROW`` of them stop the run; with several processes
 an OOM is re-raised, since the other ranks would wait forever in the gradient all-reduce.
+For the run only (``train()`` puts the previous process-wide settings back when it returns),
+``train.num_threads`` sets torch's intra-op threads and
 ``train.deterministic=true`` turns on ``torch.use_deterministic_algorithms``, sets
 ``cudnn.deterministic`` (and turns ``cudnn.benchmark`` off) and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
 (which cuBLAS needs for reproducible matmuls on GPU); on CPU the same seed and config give
@@ -34,6 +44,7 @@ bit-identical weights without it.
 from __future__ import annotations
 
 import argparse
+import enum
 import math
 import os
 import random
@@ -41,10 +52,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sacrebleu
@@ -53,7 +65,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from seq2seq import distributed
+from seq2seq import distributed, rundir
 from seq2seq.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -75,19 +87,125 @@ from seq2seq.data import (
     lm_eval_batches,
     prepare,
 )
+from seq2seq.hardware import PrecisionChoice, resolve_precision
 from seq2seq.loss import label_smoothed_nll
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
 from seq2seq.search import TransformerDecoder, greedy
 from seq2seq.tokenizer import PAD_ID, Tokenizer, TokenizerError
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 MAX_NONFINITE_IN_A_ROW = 5
 MAX_OOM_IN_A_ROW = 3
 BLEU_BATCH_SENTENCES = 64
+STOP_REQUESTED = "stop requested (signal); resume with the same command"
+
+Corpus = TokenizedCorpus | LMCorpus
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved as ``counters`` in ``trainer_state.pt`` (same keys as ever)."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 1
+    position: int = 0  # batches of the epoch's batch list already consumed
+    epoch_done: bool = False
+    best: float | None = None  # best value of train.best_metric so far
+    bad_evals: int = 0  # evaluations in a row without improvement
+    elapsed_seconds: float = 0.0  # wall-clock time trained so far, all resumes together
+
+    def counters(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_counters(cls, counters: dict[str, Any]) -> Progress:
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in counters.items() if name in known})
+
+
+@dataclass
+class Faults:
+    """Skipped updates; not saved (a resumed run counts afresh)."""
+
+    nonfinite: int = 0
+    nonfinite_in_a_row: int = 0
+    oom: int = 0
+    oom_in_a_row: int = 0
+
+
+@dataclass
+class Window:
+    """Training figures since the last log line; ``time`` excludes evaluation and saving."""
+
+    time: float
+    loss: float = 0.0
+    nll: float = 0.0
+    tokens: float = 0.0
+    updates: int = 0
+
+
+class Outcome(enum.Enum):
+    UPDATED = "updated"
+    OUT_OF_MEMORY = "out of memory"
+    NON_FINITE = "non-finite loss"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :func:`train_step` did; sums are over all ranks and micro-batches."""
+
+    outcome: Outcome
+    loss: float = math.nan  # label-smoothed loss summed over target tokens
+    nll: float = math.nan
+    tokens: float = 0.0  # target tokens in the update
+    grad_norm: float = math.nan  # before clipping
+    lr: float = math.nan  # the rate this update used
+    votes: tuple[float, ...] = ()  # the caller's votes, summed over ranks
+    batch_shape: tuple[int, ...] = ()  # the target batch that ran out of memory
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: built by :func:`setup` (or :func:`build_run`)."""
+
+    config: RunConfig
+    info: distributed.DistInfo
+    model: nn.Module  # the plain module: what is saved
+    forward_model: nn.Module  # ``model``, compiled when train.compile
+    net: nn.Module  # ``forward_model``, DDP-wrapped with several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # language-model block sampling
+
+    precision: PrecisionChoice  # train.precision resolved for this device
+    progress: Progress = field(default_factory=Progress)
+    tokenizer: Tokenizer | None = None
+    train_corpus: Corpus | None = None
+    valid_corpus: Corpus | None = None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None for full precision."""
+        return self.precision.dtype
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        if self.info.is_main:
+            print(*args, **kwargs)
 
 
 def train(config: RunConfig) -> dict[str, float]:
     """Train (or resume) the run that ``config`` describes; see the module docstring.
+
+    Process-wide torch settings (threads, deterministic algorithms, cuDNN flags) are applied for
+    the run and restored when it returns.
 
     Returns:
         Final metrics: ``step``, ``epoch``, ``train_loss``, ``valid_loss``, ``valid_nll``,
@@ -95,215 +213,349 @@ def train(config: RunConfig) -> dict[str, float]:
     """
     info = distributed.setup(config.train.device)
     try:
-        return _train(config, info)
+        _check_settings(config, info.device)  # before the lock creates out_dir
+        run_lock = rundir.locked(config.train.out_dir) if info.is_main else nullcontext()
+        with torch_settings(config.train, info.device), run_lock:
+            return _loop(setup(config, info))
     finally:
         distributed.teardown()
 
 
-def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
+@contextmanager
+def torch_settings(tc: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Apply the process-wide settings ``tc`` asks for; put the previous ones back afterwards."""
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.deterministic,
+        cudnn.benchmark,
+        cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    try:
+        if tc.num_threads > 0:
+            torch.set_num_threads(tc.num_threads)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high" if tc.tf32 else "highest")
+            cudnn.allow_tf32 = tc.tf32
+        if tc.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for that
+        torch.use_deterministic_algorithms(tc.deterministic)
+        cudnn.deterministic = tc.deterministic
+        cudnn.benchmark = False
+        yield
+    finally:
+        threads, deterministic, warn_only, cudnn_det, benchmark, tf32, matmul, cublas = before
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = cudnn_det, benchmark, tf32
+        torch.set_float32_matmul_precision(matmul)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
+    """Check the settings, prepare the data, build model/optimizer/corpora and resume if possible."""
     tc, device = config.train, info.device
     _check_settings(config, device)
-    if tc.num_threads > 0:
-        torch.set_num_threads(tc.num_threads)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high" if tc.tf32 else "highest")
-        torch.backends.cudnn.allow_tf32 = tc.tf32
-    if tc.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for that
-    torch.use_deterministic_algorithms(tc.deterministic)
-    torch.backends.cudnn.deterministic = tc.deterministic
-    torch.backends.cudnn.benchmark = False
+    precision = resolve_train_precision(tc, device)
+    described = precision.describe(tc.precision)
     _seed_everything(tc.seed + info.rank)
     out_dir = Path(tc.out_dir)
-    log = print if info.is_main else (lambda *args, **kwargs: None)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-        save_config(config, out_dir / "config.yaml")
+        resume = rundir.choose_resume(config)  # before anything in out_dir is rewritten
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+        print(described, flush=True)
+        save_config(config, out_dir / "config.yaml", {"train.precision": described})
         prepare(config)  # idempotent; one process writes, the others wait at the barrier
     distributed.barrier()
     prepared = config.prepared_dir()
     tokenizer = Tokenizer.load(prepared / "tokenizer")
+    if not info.is_main:  # rank 0 chose and checked; the same files give the others the same
+        resume_dir = find_resume_checkpoint(out_dir)
+        resume = None if resume_dir is None else (resume_dir, load_trainer_state(resume_dir))
+    vocab_sizes = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
+    run = build_run(config, info, *vocab_sizes, resume, precision)
+    run.log(f"model: {count_parameters(run.model):,} parameters on {device} x{info.world_size}")
+    run.tokenizer = tokenizer
+    corpus = LMCorpus if config.model.arch == "gpt" else TokenizedCorpus
+    run.train_corpus = corpus(prepared, config.data.train_split)
+    run.valid_corpus = corpus(prepared, config.data.valid_split)
+    return run
 
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+
+def build_run(
+    config: RunConfig,
+    info: distributed.DistInfo,
+    src_vocab_size: int,
+    tgt_vocab_size: int,
+    resume: tuple[Path, dict[str, Any]] | None = None,
+    precision: PrecisionChoice | None = None,
+) -> Run:
+    """Model, optimizer, scheduler and grad scaler (restored from ``resume`` = (checkpoint
+    directory, its trainer state) when given),
+    then compiled and DDP-wrapped; no data. ``benchmarks/bench_train.py`` steps one of these."""
+    tc, device = config.train, info.device
+    model = build_model(config.model, src_vocab_size, tgt_vocab_size)
     model.to(device)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    lm_mode = config.model.arch == "gpt"
+    precision = precision or resolve_train_precision(tc, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")
     generator = torch.Generator().manual_seed(tc.seed + info.rank)
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 1,
-        "position": 0,
-        "epoch_done": False,
-        "best": None,
-        "bad_evals": 0,
-    }
-
-    resume_dir = find_resume_checkpoint(out_dir)
-    if resume_dir is not None:
-        saved = load_trainer_state(resume_dir)
-        load_weights(model, resume_dir)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state.update(saved["counters"])
-        if len(saved["rng"]) == info.world_size:
-            restore_rng_state(saved["rng"][info.rank]["global"])
-            generator.set_state(saved["rng"][info.rank]["lm"])
-        else:  # a different world size cannot replay the old streams; start fresh ones
-            _seed_everything(tc.seed + info.rank + 1000 * state["step"])
-        log(f"resumed from {resume_dir} at update {state['step']}")
-
-    forward_model: nn.Module = torch.compile(model) if tc.compile else model
-    net = forward_model
+    parts = model, model, model, optimizer, scheduler, scaler, generator, precision
+    run = Run(config, info, *parts)
+    if resume is not None:
+        _resume(run, *resume)
+    run.forward_model = torch.compile(model) if tc.compile else model
+    run.net = run.forward_model
     if info.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(forward_model, device_ids=device_ids)
-    log(f"model: {count_parameters(model):,} parameters on {device} x{info.world_size}")
+        run.net = DistributedDataParallel(run.forward_model, device_ids=device_ids)
+    return run
 
-    if lm_mode:
-        train_corpus = LMCorpus(prepared, config.data.train_split)
-        valid_corpus = LMCorpus(prepared, config.data.valid_split)
-        updates = _lm_updates(train_corpus, config, generator)
-    else:
-        train_corpus = TokenizedCorpus(prepared, config.data.train_split)
-        valid_corpus = TokenizedCorpus(prepared, config.data.valid_split)
-        updates = _seq2seq_updates(train_corpus, config, info, state["epoch"], state["position"])
 
-    writer = None
-    if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # slow import; rank 0 only
+def resolve_train_precision(tc: TrainConfig, device: torch.device) -> PrecisionChoice:
+    """``train.precision`` on ``device`` (see :func:`seq2seq.hardware.resolve_precision`).
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-    stop_signal = threading.Event()
-    previous_handlers = _install_signal_handlers(stop_signal)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
-    start = time.monotonic()
-    window = {"loss": 0.0, "nll": 0.0, "tokens": 0.0, "time": start, "updates": 0}
-    metrics: dict[str, float] = {}
-    nonfinite, nonfinite_in_a_row, logged_loss = 0, 0, math.nan
-    oom_skipped, oom_in_a_row = 0, 0
-    stop = _finished(state, tc)  # a resumed run may already be complete
-    params, keep = list(model.parameters()), tc.keep_last
+    Raises:
+        ConfigError: a precision the device cannot run (fp16 on a CPU).
+    """
     try:
-        # -------------------------------------------------------------- the loop, one update a turn
-        while not stop:
-            epoch, position, epoch_done, batches = next(updates)
-            state.update(epoch=epoch, position=position, epoch_done=epoch_done)
-            net.train()
-            loss_sum = torch.zeros((), device=device)
-            nll_sum = torch.zeros((), device=device)
-            try:
-                for i, batch in enumerate(batches):
-                    batch = batch.to(device)
-                    # Gradients are all-reduced only after the last micro-batch of the update.
-                    last = i == len(batches) - 1
-                    with net.no_sync() if info.world_size > 1 and not last else nullcontext():
-                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                            logits = _forward(net, batch)
-                            loss, nll, _ = label_smoothed_nll(
-                                logits, batch.tgt_out, tc.label_smoothing
-                            )
-                        scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                    nll_sum += nll.detach()
-            except torch.OutOfMemoryError:
-                if info.world_size > 1:
-                    raise
-                logits = loss = nll = None  # free the graph before retrying with the next batch
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                oom_skipped, oom_in_a_row = oom_skipped + 1, oom_in_a_row + 1
-                shape = tuple(batch.tgt_in.shape)
-                print(
-                    f"warning: update {state['step'] + 1}: out of memory (target batch {shape}); "
-                    f"update skipped ({oom_skipped} so far); consider lowering data.max_tokens",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if oom_in_a_row >= MAX_OOM_IN_A_ROW:
-                    stop = f"{oom_in_a_row} out-of-memory errors in a row"
-                continue
-            oom_in_a_row = 0
-            n_tokens = sum(batch.n_tgt_tokens for batch in batches)
-            time_up = tc.max_minutes > 0 and time.monotonic() - start > tc.max_minutes * 60
-            stop_vote = float(stop_signal.is_set() or time_up)
-            total_tokens, total_loss, total_nll, stop_votes = distributed.all_reduce_sum(
-                [n_tokens, loss_sum.item(), nll_sum.item(), stop_vote]
-            )
-            if not math.isfinite(total_loss):
-                if scaler.is_enabled():  # fp16: let the scaler see the overflow and back off
-                    scaler.unscale_(optimizer)
-                    scaler.step(optimizer)
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
-                log(f"update {state['step'] + 1}: non-finite loss, skipped ({nonfinite} so far)")
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    stop = f"{nonfinite_in_a_row} non-finite losses in a row"
-                continue
-            nonfinite_in_a_row = 0
+        return resolve_precision(tc.precision, device)
+    except ValueError as error:
+        raise ConfigError(f"train.precision={tc.precision}: {error}") from None
+
+
+def _resume(run: Run, directory: Path, saved: dict[str, Any]) -> None:
+    load_weights(run.model, directory)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    run.progress = Progress.from_counters(saved["counters"])
+    info = run.info
+    if len(saved["rng"]) == info.world_size:
+        restore_rng_state(saved["rng"][info.rank]["global"])
+        run.generator.set_state(saved["rng"][info.rank]["lm"])
+    else:  # a different world size cannot replay the old streams; start fresh ones
+        _seed_everything(run.config.train.seed + info.rank + 1000 * run.progress.step)
+    run.log(f"resumed from {directory} at update {run.progress.step}")
+
+
+# ----------------------------------------------------------------------------- one update
+
+
+def train_step(
+    run: Run, batches: Sequence[Batch], votes: Callable[[], Sequence[float]] | None = None
+) -> StepResult:
+    """One optimizer update from this rank's micro-batches.
+
+    Forward under autocast, label-smoothed loss, backward (all-reducing gradients only after the
+    last micro-batch), then gradients scaled to sum / (target tokens of the whole update, all
+    ranks), clipped at ``train.clip_norm`` when it is > 0, optimizer and scheduler step. An update
+    whose loss is not finite changes no weight; an out-of-memory error (single process) skips it.
+
+    Args:
+        votes: called right before the all-reduce of the token counts; what it returns travels in
+            that same collective and comes back summed over ranks (the loop's stop vote).
+    """
+    tc, device, world_size = run.config.train, run.info.device, run.info.world_size
+    net, optimizer, scaler, dtype = run.net, run.optimizer, run.scaler, run.dtype
+    net.train()
+    loss_sum = torch.zeros((), device=device)
+    nll_sum = torch.zeros((), device=device)
+    try:
+        for i, batch in enumerate(batches):
+            batch = batch.to(device)
+            # Gradients are all-reduced only after the last micro-batch of the update.
+            last = i == len(batches) - 1
+            with net.no_sync() if world_size > 1 and not last else nullcontext():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = _forward(net, batch)
+                    loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            nll_sum += nll.detach()
+    except torch.OutOfMemoryError:
+        if world_size > 1:
+            raise  # the other ranks would wait for ever in the gradient all-reduce
+        logits = loss = nll = None  # free the graph before retrying with the next batch
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return StepResult(Outcome.OUT_OF_MEMORY, batch_shape=tuple(batch.tgt_in.shape))
+    n_tokens = sum(batch.n_tgt_tokens for batch in batches)
+    extra = list(votes()) if votes is not None else []
+    total_tokens, total_loss, total_nll, *summed = distributed.all_reduce_sum(
+        [n_tokens, loss_sum.item(), nll_sum.item(), *extra]
+    )
+    if not math.isfinite(total_loss):
+        if scaler.is_enabled():  # fp16: let the scaler see the overflow and back off
             scaler.unscale_(optimizer)
-            # DDP averaged gradients over ranks; make them sum / (target tokens in the update).
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_mul_(grads, info.world_size / total_tokens)
-            max_norm = tc.clip_norm if tc.clip_norm > 0 else math.inf
-            grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm))
-            lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = state["step"] + 1
-            for key, value in (("loss", total_loss), ("nll", total_nll), ("tokens", total_tokens)):
-                window[key] += value
-            window["updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(
+            Outcome.NON_FINITE, total_loss, total_nll, total_tokens, votes=tuple(summed)
+        )
+    scaler.unscale_(optimizer)
+    # DDP averaged gradients over ranks; make them sum / (target tokens in the update).
+    params = run.params
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, world_size / total_tokens)
+    max_norm = tc.clip_norm if tc.clip_norm > 0 else math.inf
+    grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    scaler.step(optimizer)
+    scaler.update()
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(
+        Outcome.UPDATED, total_loss, total_nll, total_tokens, grad_norm, lr, tuple(summed)
+    )
 
-            if info.is_main and tc.log_every and step % tc.log_every == 0:
-                logged_loss = _log_train(window, step, epoch, lr, grad_norm, start, tc, writer)
-            stop = _finished(state, tc) or ("stop requested (signal or time)" if stop_votes else "")
-            evaluate_now = step % tc.eval_every == 0 if tc.eval_every else epoch_done
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _loop(run: Run) -> dict[str, float]:
+    """One update a turn until a stop condition; evaluate, save and log on their cadences."""
+    tc, progress = run.config.train, run.progress
+    updates = _updates(run)
+    writer = _tensorboard(run)
+    stop_signal = threading.Event()
+    previous_handlers = _install_signal_handlers(stop_signal)
+    start = time.monotonic() - progress.elapsed_seconds  # the budget is the run's (resumes too)
+    window, faults = Window(time=time.monotonic()), Faults()
+    metrics: dict[str, float] = {}
+    logged_loss = math.nan
+    stop = _finished(progress, tc)  # why training stops; None goes on (a resume may be done)
+
+    def stop_votes() -> list[float]:
+        time_up = tc.max_minutes > 0 and time.monotonic() - start > tc.max_minutes * 60
+        return [float(stop_signal.is_set()), float(time_up)]
+
+    try:
+        while stop is None:
+            progress.epoch, progress.position, progress.epoch_done, batches = next(updates)
+            result = train_step(run, batches, stop_votes)
+            if result.outcome is not Outcome.UPDATED:
+                stop = _skipped(run, faults, result)
+                continue
+            faults.oom_in_a_row = faults.nonfinite_in_a_row = 0
+            progress.step += 1
+            window.loss, window.nll = window.loss + result.loss, window.nll + result.nll
+            window.tokens, window.updates = window.tokens + result.tokens, window.updates + 1
+            if run.info.is_main and tc.log_every and progress.step % tc.log_every == 0:
+                logged_loss = _log_train(window, progress, result, tc, start, writer)
+            stop = _finished(progress, tc, *result.votes)
             paused = time.monotonic()  # evaluation and saving do not count towards tokens/s
             improved = False
-            if evaluate_now or stop:
-                metrics = _validate(model, forward_model, valid_corpus, config, info, tokenizer)
-                improved = _update_best(state, metrics, tc.best_metric)
-                _log_eval(metrics, state, step, writer, log)
-                if tc.patience and state["bad_evals"] >= tc.patience and not stop:
+            evaluate_now = _due(progress, tc.eval_every, progress.epoch_done)
+            # An interrupted run saves without an extra evaluation: best and patience must come
+            # out of a resume exactly as out of an uninterrupted run.
+            if evaluate_now or (stop and stop != STOP_REQUESTED):
+                metrics = _validate(run)
+                improved = _update_best(progress, metrics, tc.best_metric)
+                _log_eval(run, metrics, writer)
+                if tc.patience and progress.bad_evals >= tc.patience and not stop:
                     stop = f"no improvement in {tc.patience} evaluations"
-            save_now = step % tc.save_every == 0 if tc.save_every else evaluate_now
-            if save_now or improved or stop:
-                trainer_state = _trainer_state(state, optimizer, scheduler, scaler, generator)
-                if info.is_main:
-                    save_training_checkpoint(
-                        out_dir, step, model, config, tokenizer, trainer_state, improved, keep
-                    )
-            window["time"] += time.monotonic() - paused
+            if _due(progress, tc.save_every, evaluate_now) or improved or stop:
+                progress.elapsed_seconds = time.monotonic() - start
+                _save(run, improved)
+            window.time += time.monotonic() - paused
     finally:
         _restore_signal_handlers(previous_handlers)
         if writer is not None:
             writer.close()
-    if not metrics:
-        metrics = _validate(model, forward_model, valid_corpus, config, info, tokenizer)
-    log(f"stopped at update {state['step']}: {stop}")
+    if not metrics and stop != STOP_REQUESTED:  # a preempted process has no time to spare
+        metrics = _validate(run)
+    run.log(f"stopped at update {progress.step}: {stop}")
     return {
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "train_loss": window["loss"] / window["tokens"] if window["tokens"] else logged_loss,
-        "best": state["best"],
-        "nonfinite_updates": nonfinite,
-        "oom_skipped": oom_skipped,
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "train_loss": window.loss / window.tokens if window.tokens else logged_loss,
+        "best": progress.best,
+        "nonfinite_updates": faults.nonfinite,
+        "oom_skipped": faults.oom,
         **metrics,
     }
 
 
+def _tensorboard(run: Run) -> SummaryWriter | None:
+    if not run.info.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # slow import; rank 0 only
+
+    return SummaryWriter(str(Path(run.config.train.out_dir) / "tensorboard"))
+
+
+def _due(progress: Progress, every: int, otherwise: bool) -> bool:
+    """Every ``every`` updates, or (``every`` = 0) when ``otherwise`` says so."""
+    return progress.step % every == 0 if every else otherwise
+
+
+def _skipped(run: Run, faults: Faults, result: StepResult) -> str | None:
+    """Count a skipped update and say so; the reason to stop once too many come in a row."""
+    update = run.progress.step + 1
+    if result.outcome is Outcome.OUT_OF_MEMORY:
+        faults.oom, faults.oom_in_a_row = faults.oom + 1, faults.oom_in_a_row + 1
+        print(
+            f"warning: update {update}: out of memory (target batch {result.batch_shape}); "
+            f"update skipped ({faults.oom} so far); consider lowering data.max_tokens",
+            file=sys.stderr,
+            flush=True,
+        )
+        if faults.oom_in_a_row >= MAX_OOM_IN_A_ROW:
+            return f"{faults.oom_in_a_row} out-of-memory errors in a row"
+        return None
+    faults.oom_in_a_row = 0
+    faults.nonfinite, faults.nonfinite_in_a_row = (
+        faults.nonfinite + 1,
+        faults.nonfinite_in_a_row + 1,
+    )
+    run.log(f"update {update}: non-finite loss, skipped ({faults.nonfinite} so far)")
+    if faults.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        return f"{faults.nonfinite_in_a_row} non-finite losses in a row"
+    return None
+
+
+def _save(run: Run, improved: bool) -> None:
+    """Save ``step_<n>`` (rank 0 writes; every rank contributes its RNG states)."""
+    tc = run.config.train
+    trainer_state = _trainer_state(run)
+    if not run.info.is_main:
+        return
+    try:
+        save_training_checkpoint(
+            tc.out_dir, run.progress.step, run.model, run.config, run.tokenizer, trainer_state,
+            improved, tc.keep_last,
+        )  # fmt: skip
+    except OSError as error:  # a full disk, a lost mount: the previous checkpoint stays whole
+        where = error.filename or Path(tc.out_dir) / "checkpoints" / f"step_{run.progress.step}"
+        reason = error.strerror or str(error)
+        raise CheckpointError(f"{where}: cannot save the checkpoint: {reason}") from None
+
+
 def _check_settings(config: RunConfig, device: torch.device) -> None:
     """Settings the config cannot check alone: they depend on the device or the data format."""
-    if config.train.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA (loss scaling); use bf16 on CPU")
+    model, data = config.model, config.data
+    lengths = ["block_size"] if model.arch == "gpt" else ["max_source_len", "max_target_len"]
+    for name in lengths:  # source: pieces + EOS; decoder input: BOS + pieces (or an LM block)
+        if getattr(data, name) > model.max_positions:
+            raise ConfigError(
+                f"model.max_positions ({model.max_positions}) is smaller than data.{name} "
+                f"({getattr(data, name)}, BOS/EOS included): the longest examples would not "
+                f"fit; raise model.max_positions or lower data.{name}"
+            )
     if config.model.arch == "gpt" and (config.train.eval_every == 0 or config.train.max_epochs):
         raise ConfigError(
             "language-model training draws random blocks and has no epochs: set "
@@ -357,29 +609,31 @@ def _lm_updates(
         yield 1, 0, False, batches
 
 
+def _updates(run: Run) -> Iterator[tuple[int, int, bool, list[Batch]]]:
+    if isinstance(run.train_corpus, LMCorpus):
+        return _lm_updates(run.train_corpus, run.config, run.generator)
+    progress = run.progress
+    return _seq2seq_updates(
+        run.train_corpus, run.config, run.info, progress.epoch, progress.position
+    )
+
+
 @torch.no_grad()
-def _validate(
-    model: nn.Module,
-    forward_model: nn.Module,
-    corpus: TokenizedCorpus | LMCorpus,
-    config: RunConfig,
-    info: distributed.DistInfo,
-    tokenizer: Tokenizer,
-) -> dict[str, float]:
+def _validate(run: Run) -> dict[str, float]:
     """Loss, NLL and perplexity per target token over the validation split, summed over ranks."""
-    model.eval()
+    run.model.eval()
+    config, info, corpus = run.config, run.info, run.valid_corpus
     data, seed = config.data, config.train.seed
     if isinstance(corpus, LMCorpus):
         batches = lm_eval_batches(corpus, data.block_size, data.batch_size, data.eval_batches, seed)
     else:
         batches = [collate(corpus, i) for i in batch_indices(corpus, data.max_tokens, seed, 0)]
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.precision]
-    epsilon = config.train.label_smoothing
+    dtype, epsilon = run.dtype, config.train.label_smoothing
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)
     for batch in batches[info.rank :: info.world_size]:
         batch = batch.to(info.device)
         with torch.autocast(info.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = _forward(forward_model, batch)
+            logits = _forward(run.forward_model, batch)
         loss, nll, n_tokens = label_smoothed_nll(logits, batch.tgt_out, epsilon)
         sums += torch.stack([loss, nll, n_tokens]).double()
     loss_sum, nll_sum, tokens = distributed.all_reduce_sum(sums).tolist()
@@ -390,22 +644,17 @@ def _validate(
         "valid_ppl": math.exp(min(nll_sum / tokens, 50.0)),
     }
     if config.train.eval_bleu and not isinstance(corpus, LMCorpus):
-        metrics["bleu"] = _validation_bleu(model, corpus, config, info, tokenizer)
+        metrics["bleu"] = _validation_bleu(run, corpus)
     return metrics
 
 
-def _validation_bleu(
-    model: nn.Module,
-    corpus: TokenizedCorpus,
-    config: RunConfig,
-    info: distributed.DistInfo,
-    tokenizer: Tokenizer,
-) -> float:
+def _validation_bleu(run: Run, corpus: TokenizedCorpus) -> float:
     """Greedy-decode the first ``train.eval_bleu_sentences`` validation sources; sacreBLEU.
 
     References are the prepared target ids decoded back to text (the examples that survived the
     length filter), so the score tracks progress but is not the final test-set number.
     """
+    config, info, tokenizer = run.config, run.info, run.tokenizer
     n_sentences = min(len(corpus), config.train.eval_bleu_sentences)
     mine = np.arange(n_sentences)[info.rank :: info.world_size]
     mine = mine[np.argsort(corpus.src_lengths[mine], kind="stable")]  # less padding per batch
@@ -417,7 +666,7 @@ def _validation_bleu(
         src_lengths = (src != PAD_ID).sum(dim=1)
         max_len = (config.decode.max_len_a * src_lengths + config.decode.max_len_b).long()
         max_len = max_len.clamp(1, config.model.max_positions)
-        hypotheses = greedy(TransformerDecoder(model, src), len(chunk), max_len)
+        hypotheses = greedy(TransformerDecoder(run.model, src), len(chunk), max_len)
         for index, hypothesis in zip(chunk.tolist(), hypotheses):
             reference = tokenizer.decode_target(corpus.target(index).tolist())
             pairs.append((index, tokenizer.decode_target(hypothesis.tokens), reference))
@@ -427,59 +676,68 @@ def _validation_bleu(
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-def _finished(state: dict[str, Any], tc: TrainConfig) -> str:
-    """Why training is complete at this point, or "" to go on."""
-    if tc.max_steps and state["step"] >= tc.max_steps:
+def _finished(
+    progress: Progress, tc: TrainConfig, signal_votes: float = 0.0, time_votes: float = 0.0
+) -> str | None:
+    """Why training stops at this point, or None to go on (the run's own ends come first)."""
+    if tc.max_steps and progress.step >= tc.max_steps:
         return f"reached train.max_steps={tc.max_steps}"
-    if tc.max_epochs and state["epoch_done"] and state["epoch"] >= tc.max_epochs:
+    if tc.max_epochs and progress.epoch_done and progress.epoch >= tc.max_epochs:
         return f"reached train.max_epochs={tc.max_epochs}"
-    return ""
+    if time_votes:
+        return f"reached train.max_minutes={tc.max_minutes:g}"
+    if signal_votes:
+        return STOP_REQUESTED
+    return None
 
 
-def _update_best(state: dict[str, Any], metrics: dict[str, float], best_metric: str) -> bool:
+def _update_best(progress: Progress, metrics: dict[str, float], best_metric: str) -> bool:
     """Record an improvement of ``best_metric`` (lower loss, higher BLEU); count the misses."""
     value = metrics["valid_loss"] if best_metric == "valid_loss" else metrics["bleu"]
-    best = state["best"]
+    best = progress.best
     better = best is None or (value < best if best_metric == "valid_loss" else value > best)
     if better:
-        state["best"], state["bad_evals"] = value, 0
+        progress.best, progress.bad_evals = value, 0
     else:
-        state["bad_evals"] += 1
+        progress.bad_evals += 1
     return better
 
 
-def _trainer_state(
-    state: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-) -> dict[str, Any]:
+def _trainer_state(run: Run) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs; gathers every rank's RNGs."""
-    rng = {"global": capture_rng_state(), "lm": generator.get_state()}
+    rng = {"global": capture_rng_state(), "lm": run.generator.get_state()}
     return {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "counters": dict(state),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "counters": run.progress.counters(),
         "rng": distributed.all_gather_objects(rng),
     }
 
 
-def _log_train(window, step, epoch, lr, grad_norm, start, tc, writer) -> float:
+def _log_train(
+    window: Window,
+    progress: Progress,
+    result: StepResult,
+    tc: TrainConfig,
+    start: float,
+    writer: SummaryWriter | None,
+) -> float:
+    """Print (and write to TensorBoard) the window's figures, reset it; return its loss."""
     now = time.monotonic()
-    tokens = max(window["tokens"], 1.0)
-    loss, nll = window["loss"] / tokens, window["nll"] / tokens
-    speed = window["tokens"] / max(now - window["time"], 1e-9)
-    seconds_per_update = (now - window["time"]) / max(window["updates"], 1)
+    tokens = max(window.tokens, 1.0)
+    loss, nll = window.loss / tokens, window.nll / tokens
+    speed = window.tokens / max(now - window.time, 1e-9)
+    seconds_per_update = (now - window.time) / max(window.updates, 1)
     remaining = []
     if tc.max_steps:
-        remaining.append((tc.max_steps - step) * seconds_per_update)
+        remaining.append((tc.max_steps - progress.step) * seconds_per_update)
     if tc.max_minutes:
         remaining.append(tc.max_minutes * 60 - (now - start))
     eta = f" | eta {_duration(min(remaining))}" if remaining else ""
+    lr, grad_norm = result.lr, result.grad_norm
     print(
-        f"update {step} | epoch {epoch} | loss {loss:.3f} | nll {nll:.3f} | "
+        f"update {progress.step} | epoch {progress.epoch} | loss {loss:.3f} | nll {nll:.3f} | "
         f"ppl {math.exp(min(nll, 50.0)):.2f} | lr {lr:.3g} | gnorm {grad_norm:.3f} | "
         f"{speed:,.0f} tok/s{eta}",
         flush=True,
@@ -487,14 +745,15 @@ def _log_train(window, step, epoch, lr, grad_norm, start, tc, writer) -> float:
     if writer is not None:
         scalars = {"loss": loss, "nll": nll, "lr": lr, "grad_norm": grad_norm, "tok_per_s": speed}
         for name, value in scalars.items():
-            writer.add_scalar(f"train/{name}", value, step)
-    window.update(loss=0.0, nll=0.0, tokens=0.0, time=now, updates=0)
+            writer.add_scalar(f"train/{name}", value, progress.step)
+    window.time, window.loss, window.nll, window.tokens, window.updates = now, 0.0, 0.0, 0.0, 0
     return loss
 
 
-def _log_eval(metrics, state, step, writer, log) -> None:
+def _log_eval(run: Run, metrics: dict[str, float], writer: SummaryWriter | None) -> None:
     text = " | ".join(f"{name} {value:.3f}" for name, value in metrics.items())
-    log(f"update {step} | valid | {text} | best {state['best']:.3f}", flush=True)
+    step = run.progress.step
+    run.log(f"update {step} | valid | {text} | best {run.progress.best:.3f}", flush=True)
     if writer is not None:
         for name, value in metrics.items():
             writer.add_scalar(f"valid/{name.removeprefix('valid_')}", value, step)
@@ -544,7 +803,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TokenizerError, CheckpointError) as error:
         print(f"seq2seq train: error: {error}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":  # the process group is gone by now
+    except OSError as error:  # e.g. an unwritable out_dir: the message names the path
+        print(f"seq2seq train: error: {error}", file=sys.stderr)
+        return 2
+    if distributed.launch_env().rank == 0:  # the process group is gone by now
         print(
             " | ".join(f"{key} {value:.4g}" for key, value in metrics.items() if value is not None)
         )

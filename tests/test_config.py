@@ -80,3 +80,13 @@ def test_every_shipped_config_loads():
     for path in paths:
         config = load_config(path)
         config.validate()
+
+
+def test_precision_defaults_to_auto_and_save_keeps_a_comment(tmp_path):
+    config = load_config()
+    assert config.train.precision == "auto"
+    note = "precision: auto -> fp32 (CPU without native bf16: avx2)"
+    save_config(config, tmp_path / "config.yaml", {"train.precision": note})
+    text = (tmp_path / "config.yaml").read_text()
+    assert f"  precision: auto  # {note}\n" in text
+    assert load_config(tmp_path / "config.yaml") == config  # the comment is only a comment

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from seq2seq import distributed
+from seq2seq.config import ConfigError
 
 
 def test_single_process_defaults(monkeypatch):
@@ -28,15 +29,19 @@ def test_single_process_defaults(monkeypatch):
     distributed.teardown()
 
 
-def test_device_resolution():
+def test_device_resolution_and_clear_errors(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert distributed.resolve_device("auto").type == expected
-    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.setup("auto").device.type == expected
+    assert distributed.setup("cpu").device == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^train\.device: (unknown|unsupported) device 'tpu'"):
+        distributed.setup("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            distributed.resolve_device("cuda")
+        with pytest.raises(ConfigError, match=r"^train\.device: .*CUDA is not available"):
+            distributed.setup("cuda")
     else:
-        assert distributed.resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+        assert distributed.setup("cuda").device == torch.device("cuda", 0)
 
 
 def _worker(rank: int, world_size: int, port: int, results) -> None:

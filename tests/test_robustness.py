@@ -61,7 +61,7 @@ def _raw_config(out_dir: Path, prepared: Path, corpus: Path, **train) -> dict:
         "model": dict(TINY_MODEL, dropout=0.1),
         "data": dict(
             path=str(corpus), tokenizer="char", max_tokens=96, prepared_dir=str(prepared),
-            num_workers=1,
+            num_workers=1, max_source_len=64, max_target_len=64,
         ),
         "train": {
             "out_dir": str(out_dir), "log_every": 1000, "eval_every": 1000, "save_every": 1000,
@@ -505,12 +505,23 @@ def test_out_of_memory_every_time_gives_up(task, tmp_path, monkeypatch, capsys):
 
 def test_same_seed_same_bits_and_deterministic_flags(task, tmp_path, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    real_forward, seen = train_module._forward, []
+
+    def forward(net, batch):  # the flags as training sees them
+        cudnn = torch.backends.cudnn
+        flags = torch.are_deterministic_algorithms_enabled(), cudnn.deterministic
+        seen.append((*flags, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(train_module, "_forward", forward)
     _run(task, tmp_path / "a", max_steps=3)
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert set(seen) == {(False, False, False, None)}
+    seen.clear()
     _run(task, tmp_path / "b", max_steps=3, deterministic=True)
-    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-    assert not torch.backends.cudnn.benchmark
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert set(seen) == {(True, True, False, ":4096:8")}
+    # Process-wide settings are the run's only: train() puts the previous ones back.
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     step = Path("checkpoints") / "step_3"
     _assert_bit_identical(_weights(tmp_path / "a" / step), _weights(tmp_path / "b" / step))
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from seq2seq import train as train_module
 from seq2seq.checkpoint import load_model, load_trainer_state, read_pointer
-from seq2seq.config import ConfigError, config_from_dict
+from seq2seq.config import ConfigError, config_from_dict, load_config
 from seq2seq.data import prepare
+from seq2seq.hardware import resolve_precision
 
 TINY_MODEL = dict(
     d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, max_positions=64
@@ -47,6 +48,8 @@ def _config(out_dir: Path, prepared: Path, corpus: Path, **train):
                 path=str(corpus),
                 tokenizer="char",
                 max_tokens=96,
+                max_source_len=64,
+                max_target_len=64,
                 prepared_dir=str(prepared),
                 num_workers=1,
             ),
@@ -70,13 +73,6 @@ def copy_task(tmp_path_factory) -> tuple[Path, Path]:
     _write_copy_task(root / "corpus")
     prepare(_config(root / "unused", root / "prepared", root / "corpus"))
     return root / "corpus", root / "prepared"
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -165,6 +161,24 @@ def _initial_valid_loss(config) -> float:
         }
     )
     return train_module.train(probe)["valid_loss"]
+
+
+def test_precision_auto_is_resolved_printed_and_noted_in_the_run_config(
+    copy_task, tmp_path, capsys
+):
+    corpus, prepared = copy_task
+    config = _config(tmp_path / "auto", prepared, corpus, max_steps=1, device="cpu")
+    assert config.train.precision == "auto"
+    train_module.train(config)
+    choice = resolve_precision("auto", "cpu")
+    line = choice.describe("auto")
+    assert (
+        line.startswith(f"precision: auto -> {choice.precision} (")
+        and line in capsys.readouterr().out
+    )
+    saved = (tmp_path / "auto" / "config.yaml").read_text()
+    assert f"  precision: auto  # {line}\n" in saved
+    assert load_config(tmp_path / "auto" / "config.yaml") == config  # still "auto" on resume
 
 
 def test_fp16_on_cpu_is_refused(copy_task, tmp_path):
