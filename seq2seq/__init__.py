@@ -41,7 +41,7 @@ _MODULE_OF = {
     "TokenizedCorpus": "seq2seq.data",
     "batch_indices": "seq2seq.data",
     "collate": "seq2seq.data",
-    "prepare": "seq2seq.data",
+    "prepare": "seq2seq.prepare",
     "score": "seq2seq.evaluate",
     "label_smoothed_nll": "seq2seq.loss",
     "GPT": "seq2seq.model",

@@ -73,11 +73,11 @@ from seq2seq.data import (
     collate,
     lm_batch,
     lm_eval_batches,
-    prepare,
 )
 from seq2seq.loss import label_smoothed_nll
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
+from seq2seq.prepare import prepare
 from seq2seq.search import TransformerDecoder, greedy
 from seq2seq.tokenizer import PAD_ID, Tokenizer, TokenizerError
 
@@ -220,7 +220,7 @@ def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
                 shape = tuple(batch.tgt_in.shape)
                 print(
                     f"warning: update {state['step'] + 1}: out of memory (target batch {shape}); "
-                    f"update skipped ({oom_skipped} so far); consider lowering data.max_tokens",
+                    f"update skipped ({oom_skipped} so far); consider lowering batch.max_tokens",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -330,12 +330,12 @@ def _seq2seq_updates(
     """
     group = info.world_size * config.train.update_freq
     while True:
-        batches = batch_indices(corpus, config.data.max_tokens, config.train.seed, epoch)
+        batches = batch_indices(corpus, config.batch.max_tokens, config.train.seed, epoch)
         n_updates = len(batches) // group
         if n_updates == 0:
             raise ConfigError(
                 f"{len(batches)} batches per epoch cannot feed one update of {group} batches "
-                "(world_size x train.update_freq); lower data.max_tokens or update_freq"
+                "(world_size x train.update_freq); lower batch.max_tokens or update_freq"
             )
         for update in range(-(-done // group), n_updates):
             first = update * group
@@ -351,7 +351,7 @@ def _lm_updates(
     """Random blocks from the token stream; the saved generator makes them replayable."""
     while True:
         batches = [
-            lm_batch(corpus, config.data.block_size, config.data.batch_size, generator)
+            lm_batch(corpus, config.batch.block_size, config.batch.batch_size, generator)
             for _ in range(config.train.update_freq)
         ]
         yield 1, 0, False, batches
@@ -368,7 +368,7 @@ def _validate(
 ) -> dict[str, float]:
     """Loss, NLL and perplexity per target token over the validation split, summed over ranks."""
     model.eval()
-    data, seed = config.data, config.train.seed
+    data, seed = config.batch, config.train.seed
     if isinstance(corpus, LMCorpus):
         batches = lm_eval_batches(corpus, data.block_size, data.batch_size, data.eval_batches, seed)
     else:
