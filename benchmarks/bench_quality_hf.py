@@ -78,10 +78,10 @@ from export_split import one_line  # noqa: E402
 from seq2seq.checkpoint import load_trainer_state, read_pointer  # noqa: E402
 from seq2seq.config import RunConfig, load_config  # noqa: E402
 from seq2seq.data import TokenizedCorpus, batch_indices  # noqa: E402
-from seq2seq.prepare import prepare, read_parallel  # noqa: E402
 from seq2seq.evaluate import score  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
+from seq2seq.prepare import prepare, read_parallel  # noqa: E402
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache" / "quality"

@@ -50,11 +50,11 @@ import harness  # noqa: E402
 
 from seq2seq.config import ModelConfig, load_config  # noqa: E402
 from seq2seq.data import Batch, TokenizedCorpus, batch_indices, collate  # noqa: E402
-from seq2seq.prepare import prepare  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.loss import label_smoothed_nll  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
 from seq2seq.optim import build_optimizer, build_scheduler  # noqa: E402
+from seq2seq.prepare import prepare  # noqa: E402
 from seq2seq.tokenizer import PAD_ID, Tokenizer  # noqa: E402
 
 CONFIGS = ("transformer_small", "transformer_base")

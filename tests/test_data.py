@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,3 +145,53 @@ def test_lm_batches_are_shifted_blocks(lm_dir):
     assert all(torch.equal(a.tgt_out, b.tgt_out) for a, b in zip(evals, evals_again))
     with pytest.raises(DataError, match="fewer than block_size"):
         lm_batch(corpus, len(corpus), 1, torch.Generator())
+
+
+# ------------------------------------------------------------------ damaged prepared data
+
+
+@pytest.fixture
+def prepared(tmp_path, toy) -> Path:
+    toy.write(tmp_path / "corpus", "train", toy.pairs(40))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    return prepare(toy.config(tmp_path))
+
+
+def _rewrite(directory: Path, name: str, payload: bytes, fix_checksum: bool) -> None:
+    (directory / name).write_bytes(payload)
+    if fix_checksum:  # as if the checksums had been regenerated over the damage
+        manifest = json.loads((directory / "manifest.json").read_text())
+        split = name.split(".")[0]
+        entry = manifest["splits"][split]["files"][name]
+        entry["sha256"] = hashlib.sha256(payload).hexdigest()
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_flipped_bit_is_named_at_load_time(prepared):
+    payload = bytearray((prepared / "train.tgt.bin").read_bytes())
+    payload[6] ^= 0x01  # the low bit of an id: still inside the vocabulary
+    _rewrite(prepared, "train.tgt.bin", bytes(payload), fix_checksum=False)
+    with pytest.raises(DataError, match=r"train\.tgt\.bin: SHA-256 does not match manifest"):
+        TokenizedCorpus(prepared, "train")
+    assert len(TokenizedCorpus(prepared, "train", verify=False)) == 40  # the range check passes
+
+
+def test_an_out_of_range_id_is_a_data_error_not_an_index_error(prepared):
+    ids = np.fromfile(prepared / "train.src.bin", dtype=np.uint16)
+    ids[11] = 60  # the vocabulary has 60 ids
+    _rewrite(prepared, "train.src.bin", ids.tobytes(), fix_checksum=True)
+    with pytest.raises(DataError, match=r"train\.src\.bin: id 60 at position 11 is outside the"):
+        TokenizedCorpus(prepared, "train", verify=False)
+    _rewrite(prepared, "train.src.bin", ids[:-1].tobytes(), fix_checksum=True)
+    with pytest.raises(DataError, match=r"train\.src\.bin: \d+ bytes, but manifest\.json records"):
+        TokenizedCorpus(prepared, "train")
+
+
+def test_an_lm_stream_with_an_out_of_range_id_is_refused(lm_dir):
+    out, _ = lm_dir
+    ids = np.fromfile(out / "val.lm.bin", dtype=np.uint16)
+    ids[-1] = 999
+    _rewrite(out, "val.lm.bin", ids.tobytes(), fix_checksum=True)
+    with pytest.raises(DataError, match=r"val\.lm\.bin: id 999 at position \d+ is outside"):
+        LMCorpus(out, "val")
+    assert len(LMCorpus(out, "train")) > 0

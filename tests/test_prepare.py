@@ -3,15 +3,25 @@ processes (and their death), failed writes, checksums written for the loader."""
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
+import importlib
+import io
 import itertools
 import json
+import os
+import signal
+import subprocess
 
 import pytest
 
+from seq2seq.config import ConfigError, config_from_dict
 from seq2seq.data import DataError, TokenizedCorpus
 from seq2seq.prepare import main, prepare, read_lm_text, read_parallel
 from seq2seq.tokenizer import Tokenizer
+
+prepare_module = importlib.import_module("seq2seq.prepare")  # the module, not its function
 
 # ------------------------------------------------------------------------------------- readers
 
@@ -218,3 +228,146 @@ def test_cli_prepares_and_reports_errors(tmp_path, capsys, toy):
     assert err.startswith("seq2seq prepare: error: /nonexistent/train.de: file not found")
     assert main([str(config), "data.nonsense=1"]) == 2
     assert "data.nonsense: unknown key" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ fingerprints by section
+
+
+def test_batching_changes_never_prepare_again_but_data_changes_do(tmp_path, capsys, toy):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(100))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(10, seed=1))
+    out = prepare(toy.config(tmp_path))
+    stamp = (out / "train.src.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    batching = {"max_tokens": 123, "block_size": 7, "batch_size": 3, "eval_batches": 2}
+    prepare(toy.config(tmp_path, prepare={"num_workers": 2}, batch=batching))
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "train.src.bin").stat().st_mtime_ns == stamp
+    prepare(toy.config(tmp_path, tokenizer="char"))
+    assert "data settings changed (tokenizer)" in capsys.readouterr().out
+    assert Tokenizer.load(out / "tokenizer").kind == "char"
+    prepare(toy.config(tmp_path, tokenizer="char", max_source_len=30))
+    assert "data settings changed (max_source_len)" in capsys.readouterr().out
+    assert TokenizedCorpus(out, "train").src_lengths.max() <= 30
+
+
+def test_old_layout_keys_name_their_new_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.max_tokens: moved to batch\.max_tokens"):
+        config_from_dict({"data": {"max_tokens": 10}})
+    old = {"format_version": 1, "data": {"max_tokens": 10, "prepared_dir": "p", "vocab_size": 9}}
+    migrated = config_from_dict(old)  # a checkpoint saved before the split still loads
+    assert (migrated.batch.max_tokens, migrated.prepare.out_dir) == (10, "p")
+    assert migrated.data.vocab_size == 9
+
+
+# ------------------------------------------------------------------ single process, workers
+
+
+def test_single_process_encoding_never_reloads_the_tokenizer(tmp_path, monkeypatch, toy):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(50))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    loads = []
+    real_load = Tokenizer.load.__func__
+    monkeypatch.setattr(
+        Tokenizer, "load", classmethod(lambda c, d: loads.append(d) or real_load(c, d))
+    )
+    out = prepare(toy.config(tmp_path))
+    assert loads == []  # the freshly trained tokenizer encodes both splits
+    toy.write(tmp_path / "corpus", "test", toy.pairs(5, seed=2))
+    prepare(toy.config(tmp_path), splits=["test"])
+    assert loads == [out / "tokenizer"]  # a new split: loaded once from disk
+
+
+def _killed_worker(chunk, tokenizer=None):  # runs in a worker process, as the OOM killer acts
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging for ever: SIGALRM after 60 s raises in the main thread."""
+
+    def timeout(*_):
+        raise TimeoutError("prepare hung after its worker died")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_killed_worker_is_a_clear_error_not_a_hang(tmp_path, monkeypatch, capsys, toy, alarm):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(50))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    monkeypatch.setattr(prepare_module, "_encode_pairs", _killed_worker)
+    config = toy.config(tmp_path, prepare={"num_workers": 2})
+    with pytest.raises(DataError, match=r"worker process died while encoding 'train'.*num_workers"):
+        prepare(config)
+    assert not (config.prepared_dir() / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ failed writes
+
+
+class _FullDisk(io.FileIO):
+    def write(self, payload):
+        super().write(bytes(payload)[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_leaves_no_temporary_files_and_one_error_line(
+    tmp_path, monkeypatch, capsys, toy
+):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(60))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    real_open = io.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp-" in str(file) and "train.tgt.bin" in str(file):
+            return _FullDisk(file, "w")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", open_on_a_full_disk)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {tmp_path / 'corpus'}\n  vocab_size: 50\n")
+    overrides = [f"train.out_dir={tmp_path / 'run'}", "prepare.num_workers=1"]
+    assert main([str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seq2seq prepare: error: ") and "Traceback" not in err
+    assert "train.tgt.bin: No space left on device" in err
+    prepared = tmp_path / "run" / "data"
+    assert not list(prepared.glob("*.tmp-*"))
+    assert not (prepared / "manifest.json").exists()
+    monkeypatch.setattr(io, "open", real_open)
+    assert main([str(config), *overrides]) == 0  # and the next try starts again cleanly
+
+
+def test_leftovers_of_a_killed_prepare_are_removed(tmp_path, toy):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(30))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    config = toy.config(tmp_path)
+    config.prepared_dir().mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = config.prepared_dir() / f"train.src.bin.tmp-{dead.pid}"
+    stale.write_bytes(b"half a file")
+    prepare(config)
+    assert not stale.exists()
+
+
+# ------------------------------------------------------------------ checksums
+
+
+def test_manifest_records_size_and_sha256_of_every_file(tmp_path, toy):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(30))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    out = prepare(toy.config(tmp_path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in ("train", "val"):
+        files = manifest["splits"][split]["files"]
+        assert sorted(files) == sorted(
+            f"{split}.{s}.{e}" for s in ("src", "tgt") for e in ("bin", "idx")
+        )
+        for name, entry in files.items():
+            payload = (out / name).read_bytes()
+            assert entry == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}

@@ -18,8 +18,8 @@ import sacrebleu
 from seq2seq.checkpoint import save_training_checkpoint
 from seq2seq.config import ModelConfig, RunConfig, load_config
 from seq2seq.data import LMCorpus
-from seq2seq.prepare import prepare
 from seq2seq.model import build_model
+from seq2seq.prepare import prepare
 from seq2seq.tokenizer import CharVocab, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

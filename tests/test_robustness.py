@@ -33,9 +33,9 @@ from seq2seq.checkpoint import (
 )
 from seq2seq.config import ConfigError, ModelConfig, RunConfig, config_from_dict, load_config
 from seq2seq.data import TokenizedCorpus
+from seq2seq.model import build_model
 from seq2seq.prepare import main as prepare_main
 from seq2seq.prepare import prepare
-from seq2seq.model import build_model
 from seq2seq.tokenizer import CharVocab, Tokenizer
 from seq2seq.translate import main as translate_main
 from seq2seq.translate import translate_lines
