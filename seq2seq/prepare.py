@@ -1,13 +1,9 @@
 """Corpora in, a prepared directory out: the offline half of the data flow, run once per corpus.
 
 Flow: ``read_parallel`` / ``read_lm_text`` (text, gz, tsv, jsonl, ``datasets``) -> train the
-tokenizer -> encode in worker processes -> filter -> binarize -> ``manifest.json``
-(the layout is in ``seq2seq.data``, which reads it back).
-
-    seq2seq prepare CONFIG.yaml [section.key=value ...] [--splits a,b] [--force]
-
-The manifest records the whole ``data`` section of the config: the data is prepared again when
-any of it changes and never for the ``prepare``, ``batch`` or any other section.
+tokenizer -> encode in worker processes -> filter -> binarize -> ``manifest.json`` (layout: see
+``seq2seq.data``). The manifest records the whole ``data`` section: the data is prepared again
+when any of it changes, never for another section (``prepare``, ``batch``, ...).
 
 Every split is filtered the same way: an example with an empty side is dropped, and one whose
 source (with EOS) or target (with BOS) is longer than ``max_source_len``/``max_target_len`` is
