@@ -7,9 +7,8 @@ when any of it changes, never for another section (``prepare``, ``batch``, ...).
 
 Every split is filtered the same way: an example with an empty side is dropped, and one whose
 source (with EOS) or target (with BOS) is longer than ``max_source_len``/``max_target_len`` is
-dropped, or cut to fit with ``data.truncate``; both are counted and reported.
-The ``hf`` format takes a ``datasets`` name or a local folder of data files named by split (e.g.
-``train.jsonl``, ``validation.jsonl``: ``datasets`` calls that split ``validation``).
+dropped, or cut to fit with ``data.truncate``; both are counted and reported. The ``hf`` format
+takes a ``datasets`` name or a local folder of files named by split (``validation.jsonl``, ...).
 """
 
 from __future__ import annotations
