@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from seq2seq.config import load_config  # noqa: E402
-from seq2seq.data import prepare  # noqa: E402
+from seq2seq.prepare import prepare  # noqa: E402
 
 GPT_CONFIG = harness.REPO / "recipes" / "configs" / "shakespeare_gpt.yaml"
 TARGET_LOSS, TARGET_SECONDS = 1.89, 40.0
@@ -35,7 +35,7 @@ def gpt_overrides(root: Path, precision: str, threads: int, extra: list[str]) ->
     out_dir = harness.CACHE / "runs" / f"shakespeare_gpt_{precision}"
     return [
         f"data.path={root / 'tinyshakespeare' / 'input.txt'}",
-        f"data.prepared_dir={harness.CACHE / 'shakespeare_char'}",
+        f"prepare.out_dir={harness.CACHE / 'shakespeare_char'}",
         f"train.out_dir={out_dir}",
         f"train.precision={precision}",
         f"train.num_threads={threads}",

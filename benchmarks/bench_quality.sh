@@ -90,9 +90,9 @@ echo "bench_quality: $IMPL, $SRC -> $TGT, budget $MAX_MINUTES min, run directory
     test_lines "$TEST_LINES" config "$CONFIG" > "$OUT/bench/run.json"  # marks $OUT as made here
 read -r -a EXTRA <<< "${OVERRIDES:-}"
 DATA_SETTINGS=(data.format=text data.path="$DATA" data.src_lang="$SRC" data.tgt_lang="$TGT"
-    data.prepared_dir="$PREPARED")
+    prepare.out_dir="$PREPARED")
 # Tokenizer and binarized corpus, shared by both implementations and outside the timed run.
-PREPARE=("$PY" -m seq2seq.data "$CONFIG" "${DATA_SETTINGS[@]}" "${EXTRA[@]}")
+PREPARE=("$PY" -m seq2seq.prepare "$CONFIG" "${DATA_SETTINGS[@]}" "${EXTRA[@]}")
 echo "+ $(shell_words "${PREPARE[@]}")"
 "${PREPARE[@]}"
 START=$SECONDS
@@ -100,7 +100,7 @@ START=$SECONDS
 if [[ "$IMPL" == hf ]]; then
     PEER=("$PY" "$HERE/bench_quality_hf.py" --config "$CONFIG" --data "$DATA" --src "$SRC"
         --tgt "$TGT" --minutes "$MAX_MINUTES" --average "$AVERAGE" --test-lines "$TEST_LINES"
-        --out "$OUT" "${JSON_ARGS[@]}" data.prepared_dir="$PREPARED" "${EXTRA[@]}")
+        --out "$OUT" "${JSON_ARGS[@]}" prepare.out_dir="$PREPARED" "${EXTRA[@]}")
     echo "+ $(shell_words "${PEER[@]}")"
     exec "${PEER[@]}"
 fi
@@ -138,6 +138,6 @@ EOF
 chmod +x "$OUT/bench/python"
 PYTHON="$OUT/bench/python" OUT="$OUT" SRC="$SRC" TGT="$TGT" DATA="$DATA" CONFIG="$CONFIG" \
     MAX_MINUTES="$MAX_MINUTES" AVERAGE="$AVERAGE" TEST_LINES="$TEST_LINES" STAGE="" \
-    OVERRIDES="data.prepared_dir=$PREPARED ${OVERRIDES:-}" bash "$ROOT/recipes/multi30k.sh"
+    OVERRIDES="prepare.out_dir=$PREPARED ${OVERRIDES:-}" bash "$ROOT/recipes/multi30k.sh"
 echo "{\"stage\": \"total\", \"seconds\": $((SECONDS - START))}" >> "$OUT/bench/stages.jsonl"
 "$PY" "$HERE/bench_quality_hf.py" --report "$OUT" "${JSON_ARGS[@]}"

@@ -9,7 +9,7 @@ one) into ``benchmarks/.cache/quality/`` and prints the same lines for both with
 which reads any run directory, ours or this script's.
 
 What is the same as our recipe (``recipes/configs/multi30k.yaml`` plus the recipe's overrides):
-  - data: ``seq2seq.data.prepare(config)`` on the same config, i.e. the same joint 8k BPE
+  - data: ``seq2seq.prepare.prepare(config)`` on the same config, i.e. the same joint 8k BPE
     SentencePiece tokenizer and token ids (``TokenizedCorpus``: source pieces + EOS, labels
     pieces + EOS, decoder input BOS + pieces); ``bench_quality.sh`` shares one prepared folder;
   - model: ``to_marian(build_model(config.model, ...))``, a ``MarianMTModel`` with our sizes and
@@ -77,10 +77,11 @@ from export_split import one_line  # noqa: E402
 
 from seq2seq.checkpoint import load_trainer_state, read_pointer  # noqa: E402
 from seq2seq.config import RunConfig, load_config  # noqa: E402
-from seq2seq.data import TokenizedCorpus, batch_indices, prepare, read_parallel  # noqa: E402
+from seq2seq.data import TokenizedCorpus, batch_indices  # noqa: E402
 from seq2seq.evaluate import score  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
+from seq2seq.prepare import prepare, read_parallel  # noqa: E402
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache" / "quality"
@@ -131,7 +132,7 @@ def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
 
 def sentences_per_batch(corpus: TokenizedCorpus, config: RunConfig) -> int:
     """Mean sentences in our token-budget batches of ``corpus`` (epoch 1): HF's batch size."""
-    batches = batch_indices(corpus, config.data.max_tokens, config.train.seed, epoch=1)
+    batches = batch_indices(corpus, config.batch.max_tokens, config.train.seed, epoch=1)
     return max(1, round(len(corpus) / len(batches)))
 
 
@@ -203,7 +204,7 @@ def train_marian(config: RunConfig, minutes: float, checkpoints: Path) -> tuple[
     print(
         f"hf: MarianMTModel {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"trainable parameters; batch {batch_size} sentences (mean of ours' "
-        f"{config.data.max_tokens}-token batches), length-grouped; "
+        f"{config.batch.max_tokens}-token batches), length-grouped; "
         f"{getattr(args.optim, 'value', args.optim)} lr {tc.lr} "
         f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} warmup "
         f"{tc.warmup_steps}; bf16 {args.bf16}; budget {minutes:g} min",
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.src_lang={args.src}",
         f"data.tgt_lang={args.tgt}",
         f"train.out_dir={out}",
-        f"data.prepared_dir={CACHE / f'data_{pair}'}",  # shared with ours; overridable below
+        f"prepare.out_dir={CACHE / f'data_{pair}'}",  # shared with ours; overridable below
         *args.overrides,
     ]
     config = load_config(args.config, overrides)

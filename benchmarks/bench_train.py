@@ -51,11 +51,12 @@ import harness  # noqa: E402
 
 from seq2seq import distributed, train  # noqa: E402
 from seq2seq.config import ModelConfig, load_config  # noqa: E402
-from seq2seq.data import Batch, TokenizedCorpus, batch_indices, collate, prepare  # noqa: E402
+from seq2seq.data import Batch, TokenizedCorpus, batch_indices, collate  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.loss import label_smoothed_nll  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
 from seq2seq.optim import build_scheduler  # noqa: E402
+from seq2seq.prepare import prepare  # noqa: E402
 from seq2seq.tokenizer import PAD_ID, Tokenizer  # noqa: E402
 
 CONFIGS = ("transformer_small", "transformer_base")
@@ -95,7 +96,7 @@ def _worker(settings: dict[str, Any]) -> None:
     tokenizer = Tokenizer.load(prepared / "tokenizer")
     corpus = TokenizedCorpus(prepared, config.data.train_split)
     n_batches = settings["warmup"] + settings["steps"]
-    order = batch_indices(corpus, config.data.max_tokens, config.train.seed, epoch=1)
+    order = batch_indices(corpus, config.batch.max_tokens, config.train.seed, epoch=1)
     batches = [collate(corpus, indices) for indices in order[:n_batches]]
 
     ours = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)

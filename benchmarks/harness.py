@@ -42,7 +42,7 @@ def multi30k_overrides(root: Path, cache: Path = CACHE) -> list[str]:
     """Overrides turning the Multi30k recipe config into the benchmark's (joint BPE 8k)."""
     return [
         f"data.path={root / 'multi30k'}",
-        f"data.prepared_dir={cache / 'multi30k_bpe8000'}",
+        f"prepare.out_dir={cache / 'multi30k_bpe8000'}",
         "data.vocab_size=8000",
         "data.joint_vocab=true",
         f"train.out_dir={cache / 'runs' / 'multi30k'}",

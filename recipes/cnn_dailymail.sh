@@ -44,7 +44,7 @@ SETTINGS=("${CORPUS[@]}" train.out_dir="$OUT")
 echo "cnn_dailymail: data: $DATA, run directory: $OUT, $NGPU processes, $PRECISION"
 
 run_stage 0 prepare \
-    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+    "$PY" -m seq2seq.prepare "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
 run_stage 1 train \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m seq2seq.train \
     "$CONFIG" "${SETTINGS[@]}" train.precision="$PRECISION" "${EXTRA[@]}"

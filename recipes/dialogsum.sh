@@ -35,7 +35,7 @@ echo "dialogsum: data: $DATA, run directory: $OUT, budget: $MAX_MINUTES min"
 run_stage 0 corpus \
     "$PY" "$HERE/tools/dialogsum_data.py" "$DATA" "$OUT/corpus" --valid 50
 run_stage 1 prepare \
-    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+    "$PY" -m seq2seq.prepare "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
 run_stage 2 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 3 average \

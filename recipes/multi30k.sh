@@ -52,7 +52,7 @@ SETTINGS=("${CORPUS[@]}" data.src_lang="$SRC" data.tgt_lang="$TGT" train.out_dir
 echo "multi30k: $SRC -> $TGT, data: $DATA, run directory: $OUT, budget: $MAX_MINUTES min"
 
 run_stage 0 prepare \
-    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+    "$PY" -m seq2seq.prepare "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
 run_stage 1 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 2 average \

@@ -4,8 +4,8 @@
 # while training, the held-out perplexity of the final model, and a sample.
 #
 #   SEQ2SEQ_DATA=../shared/data bash recipes/shakespeare_gpt.sh
-#   OVERRIDES="model.preset=gpt_shakespeare model.max_positions=256 data.block_size=256 \
-#     data.batch_size=64 train.max_steps=5000" bash recipes/shakespeare_gpt.sh   # GPU-sized
+#   OVERRIDES="model.preset=gpt_shakespeare model.max_positions=256 batch.block_size=256 \
+#     batch.batch_size=64 train.max_steps=5000" bash recipes/shakespeare_gpt.sh   # GPU-sized
 #
 # Variables [defaults]:
 #   DATA         folder with input.txt [$SEQ2SEQ_DATA/tinyshakespeare]
@@ -33,7 +33,7 @@ SETTINGS=(data.path="$DATA/input.txt" train.out_dir="$OUT")
 echo "shakespeare_gpt: data: $DATA/input.txt, run directory: $OUT"
 
 run_stage 0 prepare \
-    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+    "$PY" -m seq2seq.prepare "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
 run_stage 1 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 2 model \

@@ -81,14 +81,14 @@ else
         data.test_split=newstest2014)
 fi
 SETTINGS=("${CORPUS[@]}" train.out_dir="$OUT")
-TRAIN=(data.max_tokens="$MAX_TOKENS" train.update_freq="$UPDATE_FREQ"
+TRAIN=(batch.max_tokens="$MAX_TOKENS" train.update_freq="$UPDATE_FREQ"
     train.precision="$PRECISION" train.max_steps="$MAX_STEPS")
 echo "wmt_en_de: $(basename "$CONFIG"), data: $DATA, run directory: $OUT"
 echo "wmt_en_de: $WORLD processes x max_tokens $MAX_TOKENS x update_freq $UPDATE_FREQ" \
     "= $((WORLD * MAX_TOKENS * UPDATE_FREQ)) tokens per update, $PRECISION"
 
 run_stage 0 prepare \
-    "$PY" -m seq2seq.data "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
+    "$PY" -m seq2seq.prepare "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}"
 run_stage 1 train \
     "$PY" -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node "$NGPU" -m seq2seq.train \
     "$CONFIG" "${SETTINGS[@]}" "${TRAIN[@]}" "${EXTRA[@]}"

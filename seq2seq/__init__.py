@@ -28,7 +28,7 @@ if TYPE_CHECKING:
         TrainConfig,
         load_config,
     )
-    from seq2seq.data import Batch, DataError, TokenizedCorpus, batch_indices, collate, prepare
+    from seq2seq.data import Batch, DataError, TokenizedCorpus, batch_indices, collate
     from seq2seq.evaluate import score
     from seq2seq.loss import label_smoothed_nll
     from seq2seq.model import GPT, Transformer, build_model
@@ -55,7 +55,6 @@ _MODULE_OF = {
     "TokenizedCorpus": "seq2seq.data",
     "batch_indices": "seq2seq.data",
     "collate": "seq2seq.data",
-    "prepare": "seq2seq.data",
     "score": "seq2seq.evaluate",
     "label_smoothed_nll": "seq2seq.loss",
     "GPT": "seq2seq.model",
@@ -92,7 +91,6 @@ __all__ = [
     "label_smoothed_nll",
     "load_config",
     "load_model",
-    "prepare",
     "save_checkpoint",
     "score",
     "train_tokenizer",

@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses loaded from YAML plus dotted ``key=value`` overrides.
 
-A run is described by one :class:`RunConfig` with four sections (``model``, ``data``, ``train``,
-``decode``). Defaults live here and nowhere else. ``model.preset`` names one of :data:`PRESETS`;
+A run is described by one :class:`RunConfig` with six sections (``model``, ``data``, ``prepare``,
+``batch``, ``train``, ``decode``). Defaults live here and nowhere else. ``model.preset`` names one of :data:`PRESETS`;
 its values are applied first, and any key given explicitly wins over the preset.
 
     cfg = load_config("recipes/configs/multi30k.yaml", ["train.max_steps=2000", "model.dropout=0.2"])
@@ -18,7 +18,17 @@ from typing import Any
 
 import yaml
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: batching and preparation settings left the data section (see migrate)
+
+# format_version 1 -> 2: data.<key> became <section>.<name>
+_MOVED_FROM_DATA = {
+    "max_tokens": ("batch", "max_tokens"),
+    "block_size": ("batch", "block_size"),
+    "batch_size": ("batch", "batch_size"),
+    "eval_batches": ("batch", "eval_batches"),
+    "prepared_dir": ("prepare", "out_dir"),
+    "num_workers": ("prepare", "num_workers"),
+}
 
 
 class ConfigError(ValueError):
@@ -67,7 +77,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where text comes from, how it is tokenized, and how it is batched.
+    """What the prepared data is: the corpus, its tokenizer and its length filter.
+
+    ``prepare`` fingerprints this whole section: change any field and the data is prepared again
+    (settings that leave the prepared files unchanged belong in :class:`PrepareConfig` or
+    :class:`BatchConfig`).
 
     ``format`` decides how ``path`` is read:
       - ``text``: a folder with ``{split}.{lang}`` files (optionally ``.gz``), one sentence a line;
@@ -79,6 +93,7 @@ class DataConfig:
         ``valid_fraction`` of it is held out for validation.
     """
 
+    # corpus
     format: str = "text"
     path: str = ""
     src_lang: str = "de"
@@ -89,24 +104,17 @@ class DataConfig:
     train_split: str = "train"
     valid_split: str = "val"
     test_split: str = "test"
-    prepared_dir: str = ""  # binarized data; empty means "<train.out_dir>/data"
     # tokenizer
     tokenizer: str = "bpe"  # "bpe" or "unigram" (SentencePiece), or "char" (one id per character)
     vocab_size: int = 8000
     joint_vocab: bool = True
     character_coverage: float = 1.0
     input_sentence_size: int = 0  # sentences sampled to train SentencePiece; 0 = all
-    num_workers: int = 2
-    # batching
-    max_tokens: int = 4096  # per batch, padding included, source or target whichever is longer
-    max_source_len: int = 256
-    max_target_len: int = 256
-    truncate: bool = False  # over-long training examples: False drops them, True truncates them
-    # language modelling
-    block_size: int = 256
-    batch_size: int = 32
-    valid_fraction: float = 0.1
-    eval_batches: int = 20  # language modelling: fixed validation batches per evaluation
+    # what is kept
+    max_source_len: int = 256  # pieces + EOS; longer training examples are dropped or truncated
+    max_target_len: int = 256  # pieces + BOS
+    truncate: bool = False  # over-long examples: False drops them, True truncates them
+    valid_fraction: float = 0.1  # language modelling: the held-out tail of the text
 
     def validate(self) -> None:
         _check_choice("data.format", self.format, ("text", "tsv", "jsonl", "hf", "lm"))
@@ -115,12 +123,39 @@ class DataConfig:
             raise ConfigError("data.format=jsonl needs data.src_field and data.tgt_field")
         if self.format == "hf" and not (self.src_field and self.tgt_field):
             raise ConfigError("data.format=hf needs data.src_field and data.tgt_field")
-        if self.max_tokens <= 0 or self.vocab_size <= 0 or self.block_size <= 0:
-            raise ConfigError(
-                "data.max_tokens, data.vocab_size and data.block_size must be positive"
-            )
+        for name in ("vocab_size", "max_source_len", "max_target_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError("data.valid_fraction must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Where ``prepare`` writes and how many processes it uses; never what it writes."""
+
+    out_dir: str = ""  # binarized data; empty means "<train.out_dir>/data"
+    num_workers: int = 2  # encoding processes (and SentencePiece training threads)
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"prepare.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How prepared examples are batched; changing it never prepares the data again."""
+
+    max_tokens: int = 4096  # per batch, padding included, source or target whichever is longer
+    # language modelling
+    block_size: int = 256
+    batch_size: int = 32
+    eval_batches: int = 20  # fixed validation batches per evaluation
+
+    def validate(self) -> None:
+        for name in ("max_tokens", "block_size", "batch_size", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"batch.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +252,8 @@ class DecodeConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     format_version: int = FORMAT_VERSION
@@ -224,6 +261,8 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
+        self.prepare.validate()
+        self.batch.validate()
         self.train.validate()
         self.decode.validate()
         if self.model.arch == "gpt" and self.data.format != "lm":
@@ -238,7 +277,7 @@ class RunConfig:
 
     def prepared_dir(self) -> Path:
         """Directory holding the tokenizer and binarized corpus for this run."""
-        return Path(self.data.prepared_dir or Path(self.train.out_dir) / "data")
+        return Path(self.prepare.out_dir or Path(self.train.out_dir) / "data")
 
 
 # Named architectures. Transformer sizes are the paper's Table 3; GPT sizes follow nanoGPT's
@@ -302,7 +341,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from nested plain data (as YAML gives)."""
-    raw = dict(raw)
+    raw = migrate(raw)
     model_raw = raw.get("model")
     if model_raw is None:
         model_raw = {}
@@ -318,6 +357,33 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, raw, "")
     config.validate()
     return config
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bring a config saved by an older version (``format_version`` < current) up to date.
+
+    A config without ``format_version`` is taken to be current, and a key that has moved since
+    is an error naming its new place.
+
+    Raises:
+        ConfigError: a moved key in a current config.
+    """
+    raw = dict(raw)
+    version = raw.get("format_version", FORMAT_VERSION)
+    data = raw.get("data")
+    if not isinstance(data, dict) or not isinstance(version, int):
+        return raw
+    moved = sorted(set(data) & set(_MOVED_FROM_DATA))
+    if moved and version >= 2:
+        section, name = _MOVED_FROM_DATA[moved[0]]
+        raise ConfigError(f"data.{moved[0]}: moved to {section}.{name} (format_version 2)")
+    if version < 2:
+        raw["data"] = data = dict(data)
+        for key in moved:
+            section, name = _MOVED_FROM_DATA[key]
+            raw[section] = {**(raw.get(section) or {}), name: data.pop(key)}
+        raw["format_version"] = FORMAT_VERSION
+    return raw
 
 
 def save_config(

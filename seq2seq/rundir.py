@@ -38,9 +38,9 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "eval_bleu", "eval_bleu_sentences", "patience", "save_every", "keep_last", "resume",
         "allow_config_change",
     )]
-    + ["data.num_workers", "data.prepared_dir", "format_version"]
+    + ["format_version"]
 )  # fmt: skip
-MAY_CHANGE_SECTIONS = ("decode.",)
+MAY_CHANGE_SECTIONS = ("decode.", "prepare.")
 
 
 @contextmanager

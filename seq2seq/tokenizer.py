@@ -16,12 +16,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sentencepiece as spm
+
+from seq2seq.textio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from seq2seq.config import DataConfig
@@ -168,10 +169,10 @@ class Tokenizer:
             if isinstance(model, CharVocab):
                 meta[side] = {"vocab_size": model.vocab_size, "chars": model.chars}
             else:
-                _write_atomic(directory / names[side], model.model_proto)
+                atomic_write_bytes(directory / names[side], model.model_proto)
                 meta[side] = {"vocab_size": model.vocab_size, "model_file": names[side]}
         text = json.dumps(meta, indent=1, ensure_ascii=True) + "\n"
-        _write_atomic(directory / _META_FILE, text.encode("utf-8"))
+        atomic_write_bytes(directory / _META_FILE, text.encode("utf-8"))
         return directory
 
     @classmethod
@@ -220,6 +221,7 @@ def train_tokenizer(
     source_texts: Iterable[str],
     target_texts: Iterable[str] | None,
     out_dir: str | Path,
+    num_threads: int = 1,
 ) -> Tokenizer:
     """Train the tokenizer that ``data`` describes and save it into ``out_dir``.
 
@@ -228,25 +230,29 @@ def train_tokenizer(
     of one text stream: it then keeps every space and adds no word-boundary marker at the start,
     so that text encoded in pieces cut after a newline gives the same ids as encoded whole.
     SentencePiece models always hold ``"\n"`` as a piece. The iterables are read once each.
+    ``num_threads`` is SentencePiece's training threads.
 
     Raises:
         TokenizerError: SentencePiece rejected the settings, e.g. a vocabulary too large for
             the text.
     """
     if target_texts is None:
-        tokenizer = Tokenizer(data.tokenizer, _train_one(data, source_texts, "joint", stream=True))
+        tokenizer = Tokenizer(
+            data.tokenizer, _train_one(data, source_texts, "joint", num_threads, stream=True)
+        )
     elif data.joint_vocab:
         texts = _interleave(source_texts, target_texts)
-        tokenizer = Tokenizer(data.tokenizer, _train_one(data, texts, "joint"))
+        tokenizer = Tokenizer(data.tokenizer, _train_one(data, texts, "joint", num_threads))
     else:
-        source = _train_one(data, source_texts, "source")
-        tokenizer = Tokenizer(data.tokenizer, source, _train_one(data, target_texts, "target"))
+        source = _train_one(data, source_texts, "source", num_threads)
+        target = _train_one(data, target_texts, "target", num_threads)
+        tokenizer = Tokenizer(data.tokenizer, source, target)
     tokenizer.save(out_dir)
     return tokenizer
 
 
 def _train_one(
-    data: DataConfig, texts: Iterable[str], side: str, stream: bool = False
+    data: DataConfig, texts: Iterable[str], side: str, num_threads: int, stream: bool = False
 ) -> SentencePieceModel | CharVocab:
     if data.tokenizer == "char":
         chars: set[str] = set()
@@ -263,7 +269,7 @@ def _train_one(
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
-        num_threads=max(1, data.num_workers),
+        num_threads=max(1, num_threads),
         max_sentence_length=1 << 16,  # bytes; long documents (summarization) are kept
         minloglevel=2,
         user_defined_symbols=["\n"],  # keeps line breaks (dialogues, poems) as a piece of their own
@@ -314,9 +320,3 @@ def _interleave(first: Iterable[str], second: Iterable[str]) -> Iterator[str]:
 
 def _as_ints(ids: Iterable[int]) -> list[int]:
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)

@@ -85,12 +85,12 @@ from seq2seq.data import (
     collate,
     lm_batch,
     lm_eval_batches,
-    prepare,
 )
 from seq2seq.hardware import PrecisionChoice, resolve_precision
 from seq2seq.loss import label_smoothed_nll
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
+from seq2seq.prepare import prepare
 from seq2seq.search import TransformerDecoder, greedy
 from seq2seq.tokenizer import PAD_ID, Tokenizer, TokenizerError
 
@@ -510,7 +510,7 @@ def _skipped(run: Run, faults: Faults, result: StepResult) -> str | None:
         faults.oom, faults.oom_in_a_row = faults.oom + 1, faults.oom_in_a_row + 1
         print(
             f"warning: update {update}: out of memory (target batch {result.batch_shape}); "
-            f"update skipped ({faults.oom} so far); consider lowering data.max_tokens",
+            f"update skipped ({faults.oom} so far); consider lowering batch.max_tokens",
             file=sys.stderr,
             flush=True,
         )
@@ -547,14 +547,19 @@ def _save(run: Run, improved: bool) -> None:
 
 def _check_settings(config: RunConfig, device: torch.device) -> None:
     """Settings the config cannot check alone: they depend on the device or the data format."""
-    model, data = config.model, config.data
-    lengths = ["block_size"] if model.arch == "gpt" else ["max_source_len", "max_target_len"]
-    for name in lengths:  # source: pieces + EOS; decoder input: BOS + pieces (or an LM block)
-        if getattr(data, name) > model.max_positions:
+    model = config.model
+    lengths = (
+        [("batch", "block_size")]
+        if model.arch == "gpt"
+        else [("data", "max_source_len"), ("data", "max_target_len")]
+    )
+    for section, name in lengths:  # source: pieces + EOS; decoder input: BOS + pieces (LM block)
+        value = getattr(getattr(config, section), name)
+        if value > model.max_positions:
             raise ConfigError(
-                f"model.max_positions ({model.max_positions}) is smaller than data.{name} "
-                f"({getattr(data, name)}, BOS/EOS included): the longest examples would not "
-                f"fit; raise model.max_positions or lower data.{name}"
+                f"model.max_positions ({model.max_positions}) is smaller than {section}.{name} "
+                f"({value}, BOS/EOS included): the longest examples would not fit; raise "
+                f"model.max_positions or lower {section}.{name}"
             )
     if config.model.arch == "gpt" and (config.train.eval_every == 0 or config.train.max_epochs):
         raise ConfigError(
@@ -582,12 +587,12 @@ def _seq2seq_updates(
     """
     group = info.world_size * config.train.update_freq
     while True:
-        batches = batch_indices(corpus, config.data.max_tokens, config.train.seed, epoch)
+        batches = batch_indices(corpus, config.batch.max_tokens, config.train.seed, epoch)
         n_updates = len(batches) // group
         if n_updates == 0:
             raise ConfigError(
                 f"{len(batches)} batches per epoch cannot feed one update of {group} batches "
-                "(world_size x train.update_freq); lower data.max_tokens or update_freq"
+                "(world_size x train.update_freq); lower batch.max_tokens or update_freq"
             )
         for update in range(-(-done // group), n_updates):
             first = update * group
@@ -603,7 +608,7 @@ def _lm_updates(
     """Random blocks from the token stream; the saved generator makes them replayable."""
     while True:
         batches = [
-            lm_batch(corpus, config.data.block_size, config.data.batch_size, generator)
+            lm_batch(corpus, config.batch.block_size, config.batch.batch_size, generator)
             for _ in range(config.train.update_freq)
         ]
         yield 1, 0, False, batches
@@ -623,9 +628,11 @@ def _validate(run: Run) -> dict[str, float]:
     """Loss, NLL and perplexity per target token over the validation split, summed over ranks."""
     run.model.eval()
     config, info, corpus = run.config, run.info, run.valid_corpus
-    data, seed = config.data, config.train.seed
+    data, seed = config.batch, config.train.seed
     if isinstance(corpus, LMCorpus):
-        batches = lm_eval_batches(corpus, data.block_size, data.batch_size, data.eval_batches, seed)
+        batches = lm_eval_batches(
+            corpus, data.block_size, data.batch_size, data.eval_batches, seed
+        )
     else:
         batches = [collate(corpus, i) for i in batch_indices(corpus, data.max_tokens, seed, 0)]
     dtype, epsilon = run.dtype, config.train.label_smoothing

@@ -26,7 +26,7 @@ from seq2seq.checkpoint import (
     save_training_checkpoint,
     step_dirs,
 )
-from seq2seq.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from seq2seq.config import FORMAT_VERSION, ConfigError, ModelConfig, RunConfig, TrainConfig
 from seq2seq.model import build_model
 from seq2seq.tokenizer import CharVocab, Tokenizer
 
@@ -250,6 +250,8 @@ def test_newer_format_version_is_refused(tmp_path):
     config = _config()
     directory = save_checkpoint(tmp_path / "ckpt", _model(config), config, _tokenizer())
     text = (directory / "config.yaml").read_text()
-    (directory / "config.yaml").write_text(text.replace("format_version: 1", "format_version: 99"))
+    (directory / "config.yaml").write_text(
+        text.replace(f"format_version: {FORMAT_VERSION}", "format_version: 99")
+    )
     with pytest.raises(CheckpointError, match="config.yaml: format_version 99 is newer"):
         checkpoint.load_config_file(directory)

@@ -1,9 +1,8 @@
-"""Data: readers and their errors, prepare (filtering, idempotence), token-budget batches, LM."""
+"""Data: opening prepared corpora (and refusing damaged ones), token-budget batches, LM blocks."""
 
 from __future__ import annotations
 
-import gzip
-import itertools
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from seq2seq.config import config_from_dict
 from seq2seq.data import (
     DataError,
     LMCorpus,
@@ -22,231 +20,9 @@ from seq2seq.data import (
     collate,
     lm_batch,
     lm_eval_batches,
-    main,
-    prepare,
-    read_lm_text,
-    read_parallel,
 )
+from seq2seq.prepare import prepare
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-
-WORDS_DE = "der die das ein haus katze hund baum auto fährt schnell rot blau groß klein".split()
-WORDS_EN = "the a house cat dog tree car drives fast red blue big small green old".split()
-
-
-def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        length = rng.randint(2, 10)
-        src = " ".join(rng.choice(WORDS_DE) for _ in range(length))
-        tgt = " ".join(rng.choice(WORDS_EN) for _ in range(length + rng.randint(-1, 2)))
-        pairs.append((src, tgt))
-    return pairs
-
-
-def write_text(folder: Path, split: str, pairs, gz: bool = False) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for lang, side in (("de", 0), ("en", 1)):
-        payload = "".join(pair[side] + "\n" for pair in pairs).encode("utf-8")
-        name = folder / f"{split}.{lang}"
-        if gz:
-            Path(f"{name}.gz").write_bytes(gzip.compress(payload))
-        else:
-            name.write_bytes(payload)
-
-
-def make_config(tmp_path: Path, **data):
-    data = {"path": str(tmp_path / "corpus"), "vocab_size": 60, "num_workers": 1, **data}
-    model = {"preset": "gpt_mini"} if data.get("format") == "lm" else {}
-    return config_from_dict(
-        {"model": model, "data": data, "train": {"out_dir": str(tmp_path / "run")}}
-    )
-
-
-# ------------------------------------------------------------------------------------- readers
-
-
-@pytest.mark.parametrize("gz", [False, True])
-def test_read_text_plain_and_gz(tmp_path, gz):
-    pairs = make_pairs(30)
-    write_text(tmp_path / "corpus", "train", pairs, gz=gz)
-    assert list(read_parallel(make_config(tmp_path).data, "train")) == pairs
-
-
-def test_read_tsv_and_jsonl_with_dotted_fields(tmp_path):
-    pairs = make_pairs(10)
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "train.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
-    records = [{"translation": {"de": s, "en": t}, "id": i} for i, (s, t) in enumerate(pairs)]
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
-    assert list(read_parallel(make_config(tmp_path, format="tsv").data, "train")) == pairs
-    fields = {"src_field": "translation.de", "tgt_field": "translation.en"}
-    jsonl = make_config(tmp_path, format="jsonl", **fields).data
-    assert list(read_parallel(jsonl, "train")) == pairs
-
-
-def test_read_hf_from_a_local_folder(tmp_path):
-    pairs = make_pairs(12)
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for split, part in (("train", pairs[:8]), ("validation", pairs[8:])):
-        rows = [json.dumps({"translation": {"de": s, "en": t}}) for s, t in part]
-        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    fields = {"src_field": "translation.de", "tgt_field": "translation.en"}
-    data = make_config(tmp_path, format="hf", **fields).data
-    assert list(read_parallel(data, "train")) == pairs[:8]
-    assert list(read_parallel(data, "validation")) == pairs[8:]
-    bad = make_config(tmp_path, format="hf", src_field="text.de", tgt_field="translation.en").data
-    with pytest.raises(DataError, match=r"no column 'text'; available columns: \['translation'\]"):
-        list(read_parallel(bad, "train"))
-    with pytest.raises(DataError, match="could not load split 'val'.*validation"):
-        list(read_parallel(data, "val"))
-    (tmp_path / "empty").mkdir()
-    empty = make_config(tmp_path, format="hf", path=str(tmp_path / "empty"), **fields).data
-    with pytest.raises(DataError, match="could not load split"):
-        list(read_parallel(empty, "train"))
-
-
-def test_mismatched_line_counts_name_both_files(tmp_path):
-    write_text(tmp_path / "corpus", "train", make_pairs(5))
-    with open(tmp_path / "corpus" / "train.en", "a", encoding="utf-8") as extra:
-        extra.write("one more\nand another\n")
-    with pytest.raises(DataError, match=r"train\.de has 5 lines but .*train\.en has 7"):
-        list(read_parallel(make_config(tmp_path).data, "train"))
-
-
-def test_invalid_utf8_names_file_and_line(tmp_path):
-    write_text(tmp_path / "corpus", "train", make_pairs(5))
-    path = tmp_path / "corpus" / "train.en"
-    lines = path.read_bytes().splitlines(keepends=True)
-    lines[3] = b"caf\xe9 latte\n"
-    path.write_bytes(b"".join(lines))
-    with pytest.raises(DataError, match=r"train\.en:4: invalid UTF-8"):
-        list(read_parallel(make_config(tmp_path).data, "train"))
-
-
-def test_jsonl_errors_name_file_and_line(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    good = json.dumps({"a": "x", "b": {"c": "y"}})
-    (folder / "train.jsonl").write_text(f"{good}\n{good}\n{{oops\n", encoding="utf-8")
-    data = make_config(tmp_path, format="jsonl", src_field="a", tgt_field="b.c").data
-    with pytest.raises(DataError, match=r"train\.jsonl:3: invalid JSON"):
-        list(read_parallel(data, "train"))
-    (folder / "train.jsonl").write_text(f"{good}\n" + json.dumps({"a": "x", "b": {}}) + "\n")
-    with pytest.raises(DataError, match=r"train\.jsonl:2: no field 'b\.c'.*available keys: \[\]"):
-        list(read_parallel(data, "train"))
-    (folder / "train.jsonl").write_text(json.dumps({"z": "x", "b": {"c": "y"}}) + "\n")
-    with pytest.raises(DataError, match=r"train\.jsonl:1: no field 'a'.*\['b', 'z'\]"):
-        list(read_parallel(data, "train"))
-
-
-def test_tsv_with_wrong_column_count(tmp_path):
-    (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "train.tsv").write_text("a\tb\nc\td\te\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"train\.tsv:2: expected 2 tab-separated columns.*3"):
-        list(read_parallel(make_config(tmp_path, format="tsv").data, "train"))
-
-
-def test_missing_and_empty_files(tmp_path):
-    (tmp_path / "corpus").mkdir()
-    data = make_config(tmp_path).data
-    with pytest.raises(DataError, match=r"corpus/train\.de: file not found \(nor train\.de\.gz\)"):
-        list(read_parallel(data, "train"))
-    (tmp_path / "corpus" / "train.de").write_text("")
-    (tmp_path / "corpus" / "train.en").write_text("hello\n")
-    with pytest.raises(DataError, match=r"train\.de: file is empty"):
-        list(read_parallel(data, "train"))
-    lm = make_config(tmp_path, format="lm", path=str(tmp_path / "corpus" / "train.de")).data
-    with pytest.raises(DataError, match="file is empty"):
-        read_lm_text(lm)
-    (tmp_path / "corpus" / "bad.txt").write_bytes(b"fine\nstill fine\n\xff\n")
-    lm = make_config(tmp_path, format="lm", path=str(tmp_path / "corpus" / "bad.txt")).data
-    with pytest.raises(DataError, match=r"bad\.txt:3: invalid UTF-8"):
-        read_lm_text(lm)
-
-
-# ------------------------------------------------------------------------------------- prepare
-
-
-def test_prepare_filters_reports_and_round_trips(tmp_path, capsys):
-    pairs = make_pairs(200)
-    pairs[5] = ("", "an empty source")
-    pairs[9] = ("ein leeres ziel", "")
-    pairs[20] = (" ".join(["katze"] * 100), "cat")  # >= 100 pieces
-    pairs[30] = ("katze", " ".join(["green"] * 100))
-    write_text(tmp_path / "corpus", "train", pairs)
-    write_text(tmp_path / "corpus", "val", make_pairs(20, seed=1))
-    config = make_config(tmp_path, max_source_len=80, max_target_len=80)
-    out = prepare(config)
-    printed = capsys.readouterr().out
-    assert "kept 196 of 200 examples; dropped 2 with an empty side and 2 longer" in printed
-    manifest = json.loads((out / "manifest.json").read_text())
-    train = manifest["splits"]["train"]
-    assert (train["examples"], train["dropped_empty"], train["dropped_too_long"]) == (196, 2, 2)
-    assert manifest["dtype"] == "uint16"
-    corpus = TokenizedCorpus(out, "train")
-    kept = [p for i, p in enumerate(pairs) if i not in (5, 9, 20, 30)]
-    assert len(corpus) == len(kept)
-    tokenizer = Tokenizer.load(out / "tokenizer")
-    for i in (0, 17, 100, len(kept) - 1):
-        assert tokenizer.decode_source(corpus.source(i)) == kept[i][0]
-        assert tokenizer.decode_target(corpus.target(i)) == kept[i][1]
-        assert corpus.src_lengths[i] == len(tokenizer.encode_source(kept[i][0])) + 1
-    assert corpus.src_lengths.max() <= 80 and corpus.tgt_lengths.max() <= 80
-    assert train["src_tokens"]["total"] == int(corpus.src_lengths.sum())
-    assert len(TokenizedCorpus(out, "val")) == 20
-
-
-def test_prepare_is_idempotent_and_redoes_changed_settings(tmp_path, capsys):
-    write_text(tmp_path / "corpus", "train", make_pairs(100))
-    write_text(tmp_path / "corpus", "val", make_pairs(10, seed=1))
-    write_text(tmp_path / "corpus", "test", make_pairs(10, seed=2))
-    out = prepare(make_config(tmp_path))
-    stamp = (out / "train.src.bin").stat().st_mtime_ns
-    capsys.readouterr()
-    assert prepare(make_config(tmp_path, max_tokens=99, num_workers=2)) == out
-    assert "nothing to do" in capsys.readouterr().out
-    assert (out / "train.src.bin").stat().st_mtime_ns == stamp
-    prepare(make_config(tmp_path), splits=["test"])  # a new split only
-    assert (out / "train.src.bin").stat().st_mtime_ns == stamp
-    assert len(TokenizedCorpus(out, "test")) == 10
-    prepare(make_config(tmp_path, vocab_size=50))
-    assert "data settings changed (vocab_size)" in capsys.readouterr().out
-    assert (out / "train.src.bin").stat().st_mtime_ns != stamp
-    assert Tokenizer.load(out / "tokenizer").src_vocab_size == 50
-    with pytest.raises(DataError, match="'test' is not prepared"):
-        TokenizedCorpus(out, "test")  # the old test split went with the old tokenizer
-
-
-def test_worker_processes_give_the_same_ids(tmp_path):
-    write_text(tmp_path / "corpus", "train", make_pairs(5000))
-    write_text(tmp_path / "corpus", "val", make_pairs(10, seed=1))
-    one = prepare(make_config(tmp_path, prepared_dir=str(tmp_path / "one")))
-    two = prepare(make_config(tmp_path, prepared_dir=str(tmp_path / "two"), num_workers=2))
-    for name in ("train.src.bin", "train.src.idx", "train.tgt.bin", "train.tgt.idx"):
-        assert (one / name).read_bytes() == (two / name).read_bytes()
-
-
-def test_prepare_on_a_multi30k_slice(tmp_path, shared_data):
-    for split, n in (("train", 2000), ("val", 200)):
-        for lang in ("de", "en"):
-            with gzip.open(shared_data / "multi30k" / f"{split}.{lang}.gz", "rt") as file:
-                lines = list(itertools.islice(file, n))
-            (tmp_path / "corpus").mkdir(exist_ok=True)
-            (tmp_path / "corpus" / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
-    out = prepare(make_config(tmp_path, vocab_size=1000, num_workers=2))
-    corpus = TokenizedCorpus(out, "train")
-    assert 1990 <= len(corpus) <= 2000
-    tokenizer = Tokenizer.load(out / "tokenizer")
-    first_de = (tmp_path / "corpus" / "train.de").read_text(encoding="utf-8").splitlines()[0]
-    assert tokenizer.decode_source(corpus.source(0)) == first_de
-    # subword units: far fewer pieces than characters, more than words
-    mean = corpus.src_lengths.mean()
-    assert 10 < mean < 40
-
 
 # ------------------------------------------------------------------------------------- batches
 
@@ -307,10 +83,10 @@ def test_collate_pads_and_adds_bos_eos():
     assert torch.equal(moved.tgt_out, batch.tgt_out) and moved.n_tgt_tokens == 8
 
 
-def test_collate_on_a_prepared_corpus_fits_the_budget(tmp_path):
-    write_text(tmp_path / "corpus", "train", make_pairs(300))
-    write_text(tmp_path / "corpus", "val", make_pairs(10, seed=1))
-    corpus = TokenizedCorpus(prepare(make_config(tmp_path)), "train")
+def test_collate_on_a_prepared_corpus_fits_the_budget(tmp_path, toy):
+    toy.write(tmp_path / "corpus", "train", toy.pairs(300))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(10, seed=1))
+    corpus = TokenizedCorpus(prepare(toy.config(tmp_path)), "train")
     seen = 0
     for indices in batch_indices(corpus, 200, seed=0, epoch=0):
         batch = collate(corpus, indices)
@@ -325,12 +101,14 @@ def test_collate_on_a_prepared_corpus_fits_the_budget(tmp_path):
 
 
 @pytest.fixture
-def lm_dir(tmp_path) -> tuple[Path, str]:
+def lm_dir(tmp_path, toy) -> tuple[Path, str]:
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS_EN) for _ in range(rng.randint(1, 8))) for _ in range(400)]
+    lines = [
+        " ".join(rng.choice(toy.words_en) for _ in range(rng.randint(1, 8))) for _ in range(400)
+    ]
     text = "\n".join(lines) + "\n"
     (tmp_path / "input.txt").write_text(text, encoding="utf-8")
-    config = make_config(tmp_path, format="lm", path=str(tmp_path / "input.txt"), tokenizer="char")
+    config = toy.config(tmp_path, format="lm", path=str(tmp_path / "input.txt"), tokenizer="char")
     return prepare(config), text
 
 
@@ -369,19 +147,51 @@ def test_lm_batches_are_shifted_blocks(lm_dir):
         lm_batch(corpus, len(corpus), 1, torch.Generator())
 
 
-# ----------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------ damaged prepared data
 
 
-def test_cli_prepares_and_reports_errors(tmp_path, capsys):
-    write_text(tmp_path / "corpus", "train", make_pairs(50))
-    write_text(tmp_path / "corpus", "val", make_pairs(5, seed=1))
-    config = tmp_path / "run.yaml"
-    config.write_text(f"data:\n  path: {tmp_path / 'corpus'}\n  vocab_size: 50\n")
-    out_dir = f"train.out_dir={tmp_path / 'run'}"
-    assert main([str(config), out_dir]) == 0
-    assert (tmp_path / "run" / "data" / "val.tgt.bin").is_file()
-    assert main([str(config), out_dir, "data.path=/nonexistent"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("seq2seq prepare: error: /nonexistent/train.de: file not found")
-    assert main([str(config), "data.nonsense=1"]) == 2
-    assert "data.nonsense: unknown key" in capsys.readouterr().err
+@pytest.fixture
+def prepared(tmp_path, toy) -> Path:
+    toy.write(tmp_path / "corpus", "train", toy.pairs(40))
+    toy.write(tmp_path / "corpus", "val", toy.pairs(5, seed=1))
+    return prepare(toy.config(tmp_path))
+
+
+def _rewrite(directory: Path, name: str, payload: bytes, fix_checksum: bool) -> None:
+    (directory / name).write_bytes(payload)
+    if fix_checksum:  # as if the checksums had been regenerated over the damage
+        manifest = json.loads((directory / "manifest.json").read_text())
+        split = name.split(".")[0]
+        entry = manifest["splits"][split]["files"][name]
+        entry["sha256"] = hashlib.sha256(payload).hexdigest()
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_flipped_bit_is_named_at_load_time(prepared):
+    payload = bytearray((prepared / "train.tgt.bin").read_bytes())
+    payload[6] ^= 0x01  # the low bit of an id: still inside the vocabulary
+    _rewrite(prepared, "train.tgt.bin", bytes(payload), fix_checksum=False)
+    with pytest.raises(DataError, match=r"train\.tgt\.bin: SHA-256 does not match manifest"):
+        TokenizedCorpus(prepared, "train")
+    assert len(TokenizedCorpus(prepared, "train", verify=False)) == 40  # the range check passes
+
+
+def test_an_out_of_range_id_is_a_data_error_not_an_index_error(prepared):
+    ids = np.fromfile(prepared / "train.src.bin", dtype=np.uint16)
+    ids[11] = 60  # the vocabulary has 60 ids
+    _rewrite(prepared, "train.src.bin", ids.tobytes(), fix_checksum=True)
+    with pytest.raises(DataError, match=r"train\.src\.bin: id 60 at position 11 is outside the"):
+        TokenizedCorpus(prepared, "train", verify=False)
+    _rewrite(prepared, "train.src.bin", ids[:-1].tobytes(), fix_checksum=True)
+    with pytest.raises(DataError, match=r"train\.src\.bin: \d+ bytes, but manifest\.json records"):
+        TokenizedCorpus(prepared, "train")
+
+
+def test_an_lm_stream_with_an_out_of_range_id_is_refused(lm_dir):
+    out, _ = lm_dir
+    ids = np.fromfile(out / "val.lm.bin", dtype=np.uint16)
+    ids[-1] = 999
+    _rewrite(out, "val.lm.bin", ids.tobytes(), fix_checksum=True)
+    with pytest.raises(DataError, match=r"val\.lm\.bin: id 999 at position \d+ is outside"):
+        LMCorpus(out, "val")
+    assert len(LMCorpus(out, "train")) > 0

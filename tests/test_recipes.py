@@ -17,8 +17,9 @@ import sacrebleu
 
 from seq2seq.checkpoint import save_training_checkpoint
 from seq2seq.config import ModelConfig, RunConfig, load_config
-from seq2seq.data import LMCorpus, prepare
+from seq2seq.data import LMCorpus
 from seq2seq.model import build_model
+from seq2seq.prepare import prepare
 from seq2seq.tokenizer import CharVocab, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +369,7 @@ def test_wmt_recipe_runs_through_torchrun_on_a_local_folder(tmp_path):
     env.update(TOKENS_PER_UPDATE="2048", GPU_TOKENS="1024", TEST_LINES="20")
     env["OVERRIDES"] = (
         "model.preset=transformer_tiny data.vocab_size=300 data.input_sentence_size=0 "
-        "data.num_workers=1 train.eval_every=5 train.save_every=5 train.log_every=5"
+        "prepare.num_workers=1 train.eval_every=5 train.save_every=5 train.log_every=5"
     )
     result = run_bash(RECIPES / "wmt_en_de.sh", env, 600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

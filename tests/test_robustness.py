@@ -32,9 +32,10 @@ from seq2seq.checkpoint import (
     step_dirs,
 )
 from seq2seq.config import ConfigError, ModelConfig, RunConfig, config_from_dict, load_config
-from seq2seq.data import TokenizedCorpus, prepare
-from seq2seq.data import main as prepare_main
+from seq2seq.data import TokenizedCorpus
 from seq2seq.model import build_model
+from seq2seq.prepare import main as prepare_main
+from seq2seq.prepare import prepare
 from seq2seq.tokenizer import CharVocab, Tokenizer
 from seq2seq.translate import main as translate_main
 from seq2seq.translate import translate_lines
@@ -59,10 +60,9 @@ def _write_corpus(folder: Path, n_train: int = 120, n_valid: int = 16) -> None:
 def _raw_config(out_dir: Path, prepared: Path, corpus: Path, **train) -> dict:
     return {
         "model": dict(TINY_MODEL, dropout=0.1),
-        "data": dict(
-            path=str(corpus), tokenizer="char", max_tokens=96, prepared_dir=str(prepared),
-            num_workers=1, max_source_len=64, max_target_len=64,
-        ),
+        "data": dict(path=str(corpus), tokenizer="char", max_source_len=64, max_target_len=64),
+        "prepare": dict(out_dir=str(prepared), num_workers=1),
+        "batch": dict(max_tokens=96),
         "train": {
             "out_dir": str(out_dir), "log_every": 1000, "eval_every": 1000, "save_every": 1000,
             "keep_last": 0, "lr": 3e-3, "warmup_steps": 4, "num_threads": 1, **train,

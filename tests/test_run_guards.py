@@ -39,10 +39,9 @@ def _raw(out_dir: Path, task: tuple[Path, Path], **train) -> dict:
     corpus, prepared = task
     return {
         "model": dict(TINY_MODEL, dropout=0.1),
-        "data": dict(
-            path=str(corpus), tokenizer="char", max_tokens=96, prepared_dir=str(prepared),
-            num_workers=1, max_source_len=64, max_target_len=64,
-        ),
+        "data": dict(path=str(corpus), tokenizer="char", max_source_len=64, max_target_len=64),
+        "prepare": dict(out_dir=str(prepared), num_workers=1),
+        "batch": dict(max_tokens=96),
         "train": {
             "out_dir": str(out_dir), "log_every": 1000, "eval_every": 1000, "save_every": 1000,
             "keep_last": 0, "lr": 3e-3, "warmup_steps": 4, "num_threads": 1, **train,

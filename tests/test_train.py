@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from seq2seq import train as train_module
 from seq2seq.checkpoint import load_model, load_trainer_state, read_pointer
 from seq2seq.config import ConfigError, config_from_dict, load_config
-from seq2seq.data import prepare
 from seq2seq.hardware import resolve_precision
+from seq2seq.prepare import prepare
 
 TINY_MODEL = dict(
     d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, max_positions=64
@@ -44,15 +44,9 @@ def _config(out_dir: Path, prepared: Path, corpus: Path, **train):
     return config_from_dict(
         {
             "model": dict(TINY_MODEL, dropout=0.1),
-            "data": dict(
-                path=str(corpus),
-                tokenizer="char",
-                max_tokens=96,
-                max_source_len=64,
-                max_target_len=64,
-                prepared_dir=str(prepared),
-                num_workers=1,
-            ),
+            "data": dict(path=str(corpus), tokenizer="char", max_source_len=64, max_target_len=64),
+            "prepare": dict(out_dir=str(prepared), num_workers=1),
+            "batch": dict(max_tokens=96),
             "train": {
                 **QUIET,
                 "out_dir": str(out_dir),
@@ -260,15 +254,9 @@ def test_gpt_mode_trains_and_resumes_exactly(tmp_path):
                     positions="learned",
                     max_positions=32,
                 ),
-                "data": dict(
-                    format="lm",
-                    path=str(tmp_path / "text.txt"),
-                    tokenizer="char",
-                    block_size=32,
-                    batch_size=8,
-                    prepared_dir=str(tmp_path / "prepared"),
-                    num_workers=1,
-                ),
+                "data": dict(format="lm", path=str(tmp_path / "text.txt"), tokenizer="char"),
+                "prepare": dict(out_dir=str(tmp_path / "prepared"), num_workers=1),
+                "batch": dict(block_size=32, batch_size=8),
                 "train": dict(
                     QUIET,
                     out_dir=str(tmp_path / out),
@@ -313,13 +301,9 @@ def test_overfits_fifty_multi30k_pairs(shared_data, tmp_path):
                 max_positions=256,
             ),
             # One batch holds all 50 pairs, so every update is a full-batch step.
-            "data": dict(
-                path=str(tmp_path / "corpus"),
-                vocab_size=300,
-                max_tokens=3000,
-                prepared_dir=str(tmp_path / "prepared"),
-                num_workers=1,
-            ),
+            "data": dict(path=str(tmp_path / "corpus"), vocab_size=300),
+            "prepare": dict(out_dir=str(tmp_path / "prepared"), num_workers=1),
+            "batch": dict(max_tokens=3000),
             "train": dict(
                 QUIET,
                 out_dir=str(tmp_path / "run"),
@@ -373,13 +357,9 @@ def test_short_multi30k_run_lowers_validation_loss(shared_data, tmp_path):
             "model": dict(
                 d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1
             ),
-            "data": dict(
-                path=str(tmp_path / "corpus"),
-                vocab_size=1000,
-                max_tokens=1500,
-                prepared_dir=str(tmp_path / "prepared"),
-                num_workers=1,
-            ),
+            "data": dict(path=str(tmp_path / "corpus"), vocab_size=1000),
+            "prepare": dict(out_dir=str(tmp_path / "prepared"), num_workers=1),
+            "batch": dict(max_tokens=1500),
             "train": dict(
                 QUIET,
                 out_dir=str(tmp_path / "run"),

@@ -3,7 +3,7 @@
     python recipes/tools/export_split.py CONFIG.yaml [section.key=value ...] --split test \
         --source OUT/test.src --target OUT/test.ref [--reference FIELD=PATH ...] [--max-lines N]
 
-The corpus is read exactly as training reads it (``seq2seq.data.read_parallel``: text, gz, tsv,
+The corpus is read exactly as training reads it (``seq2seq.prepare.read_parallel``: text, gz, tsv,
 jsonl or a ``datasets`` name), so the recipes need no format-specific shell code. A line break
 inside an example (a dialogue turn, a summary sentence) becomes a space, because ``translate``
 and ``evaluate`` take one example per line. ``--reference FIELD=PATH`` writes further references
@@ -22,23 +22,20 @@ import sys
 from pathlib import Path
 
 from seq2seq.config import ConfigError, load_config
-from seq2seq.data import DataError, read_lm_text, read_parallel
-
-# Everything str.splitlines() breaks on, so that each example stays on one line.
-_LINE_BREAKS = str.maketrans(dict.fromkeys("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
+from seq2seq.data import DataError
+from seq2seq.prepare import read_lm_text, read_parallel
+from seq2seq.textio import LINE_BREAKS, atomic_write_text
 
 
 def one_line(text: str) -> str:
     """``text`` with every line-break character replaced by a space, ends stripped."""
-    return text.translate(_LINE_BREAKS).strip()
+    return text.translate(LINE_BREAKS).strip()
 
 
 def _write(path: str, lines: list[str]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(target)
+    atomic_write_text(target, "".join(line + "\n" for line in lines))
 
 
 def main(argv: list[str] | None = None) -> int:
