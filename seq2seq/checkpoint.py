@@ -8,7 +8,8 @@ needed to resume exactly::
     tokenizer/           Tokenizer.save output
     trainer_state.pt     optimizer, scheduler, scaler, counters, RNG states (training only);
                          tensors and plain containers only, so torch.load(weights_only=True) reads it
-    checksums.json       sha256 of every other file
+    checksums.json       sha256 of every other file; every file must be listed, and a symlink
+                         anywhere inside the directory is refused (nothing outside it is read)
 
 A directory is written under ``<name>.tmp-XXXX`` next to its final place, fsynced and renamed, so a
 crash mid-write never leaves a half-written ``<name>``; pruning renames a directory away before
@@ -27,7 +28,9 @@ the checksums and the rename, so that a test can kill the process at exactly tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -39,14 +42,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
@@ -60,6 +63,7 @@ from seq2seq.config import (
     config_from_dict,
     save_config,
 )
+from seq2seq.hardware import resolve_device
 from seq2seq.model import build_model
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
@@ -70,11 +74,22 @@ TRAINER_STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_\d+\.(tmp|old|del)-")  # what a killed save or prune leaves behind
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PAUSE_MID_WRITE = "SEQ2SEQ_TEST_PAUSE_MID_WRITE"
+# What train.py's resume reads from trainer_state.pt (load_trainer_state(..., required=...)).
+TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
+# Below this many free bytes, a writer's failure is taken to be a full disk: torch.save reports
+# ENOSPC only as "PytorchStreamWriter failed writing file" or "basic_ios::clear ... unexpected pos".
+_FULL_DISK_BYTES = 16 << 20
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt or incompatible; the message names the path."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (a full disk, permissions); the message names the path and,
+    for a full disk, ENOSPC. An OSError too, as the failure it reports."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -121,29 +136,88 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         metadata = {"format_version": str(FORMAT_VERSION)}
-        save_safetensors_model(unwrap_model(model), str(tmp / WEIGHTS), metadata=metadata)
-        save_config(config, tmp / CONFIG)
-        tokenizer.save(tmp / TOKENIZER)
+        with _writing(tmp / WEIGHTS):
+            save_safetensors_model(unwrap_model(model), str(tmp / WEIGHTS), metadata=metadata)
+        with _writing(tmp / CONFIG):
+            save_config(config, tmp / CONFIG)
+        with _writing(tmp / TOKENIZER):
+            tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            with _writing(tmp / TRAINER_STATE):
+                torch.save(trainer_state, tmp / TRAINER_STATE)
 
-    return _write_atomically(Path(directory), write)
+    return write_directory(Path(directory), write)
 
 
-def _write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A writer's failure as a CheckpointWriteError naming ``path`` (and ENOSPC on a full disk)."""
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise CheckpointWriteError(_write_failure(path, error)) from error
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        return f"{path}: cannot write: {error.strerror or os.strerror(error.errno)} ({name})"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    text = str(error)
+    if (
+        "No space left" in text
+        or "StorageFull" in text
+        or (free is not None and free < _FULL_DISK_BYTES)
+    ):
+        return f"{path}: cannot write: no space left on device (ENOSPC; {free} bytes free)"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"{path}: cannot write: {first_line}"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def write_directory(
+    directory: Path, write: Callable[[Path], None], replace: bool = True
+) -> Path:
+    """Run ``write(tmp)`` on a fresh ``<name>.tmp-XXXX`` beside ``directory``, add
+    ``checksums.json``, fsync, and rename it into place; on any failure the temp dir is removed.
+
+    Files get the umask's mode (some writers create them 0600). With ``replace=False`` an
+    existing ``directory`` is never touched: the call fails before writing (and again before the
+    rename, should something appear there meanwhile).
+    """
+    if not replace and os.path.lexists(directory):
+        raise CheckpointError(f"{directory}: already exists; refusing to replace it")
+    with _writing(directory.parent):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+    try:
+        mask = _umask()
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the result should follow the umask
         write(tmp)
         if os.environ.get(PAUSE_MID_WRITE):
             print(f"checkpoint: paused mid-write {tmp}", flush=True)
             time.sleep(float(os.environ[PAUSE_MID_WRITE]))
-        checksums = {name: _sha256(tmp / name) for name in _files(tmp)}
-        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
-        for name in [*checksums, CHECKSUMS]:
-            _fsync(tmp / name)
-        _fsync(tmp)
+        names = _files(tmp)
+        for name in names:  # some writers (safetensors) create files 0600 whatever the umask
+            (tmp / name).chmod(0o666 & ~mask)
+        with _writing(tmp / CHECKSUMS):
+            checksums = {name: _sha256(tmp / name) for name in names}
+            (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
+            for name in [*checksums, CHECKSUMS]:
+                _fsync(tmp / name)
+            _fsync(tmp)
+        if not replace and os.path.lexists(directory):
+            raise CheckpointError(f"{directory}: appeared while writing; refusing to replace it")
         old = None
         if directory.exists():  # a directory cannot be renamed over a non-empty one
             old = Path(tempfile.mkdtemp(prefix=f"{directory.name}.old-", dir=directory.parent))
@@ -159,8 +233,25 @@ def _write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _files(root: Path) -> list[str]:
-    """Relative POSIX paths of every regular file under ``root``, checksum file excluded."""
-    names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    """Relative POSIX paths of every regular file under ``root``, checksum file excluded.
+
+    Raises:
+        CheckpointError: a symlink or special file inside ``root`` (named): a model directory
+            holds only its own regular files and folders, never a link to elsewhere.
+    """
+    names = []
+    for folder, subdirs, files in os.walk(root):  # never descends into a symlinked folder
+        for name in sorted(subdirs + files):
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise CheckpointError(
+                    f"{path}: symlink inside a model directory (refused; copy the file in instead)"
+                )
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: not a regular file (refused in a model directory)")
+            names.append(path.relative_to(root).as_posix())
     return sorted(name for name in names if name != CHECKSUMS)
 
 
@@ -188,20 +279,38 @@ def _fsync(path: Path) -> None:
 
 
 def verify_checksums(directory: str | Path) -> None:
-    """Recompute every file's sha256 against ``checksums.json``.
+    """Recompute every file's sha256 against ``checksums.json``, which must list every file.
 
     Raises:
-        CheckpointError: the checksum file or a listed file is missing, or a digest differs.
+        CheckpointError: the checksum file is missing or not a non-empty ``{name: sha256}``
+            object; a listed file is missing; a file is not listed; a symlink or special file
+            is inside the directory; or a digest differs. The message names the path.
     """
     directory = Path(directory)
     listing = directory / CHECKSUMS
+    if listing.is_symlink():
+        raise CheckpointError(f"{listing}: symlink inside a model directory (refused)")
     try:
         expected = json.loads(listing.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{listing}: cannot read checksums: {error}") from error
+    if not isinstance(expected, dict) or not expected:
+        raise CheckpointError(
+            f"{listing}: malformed: expected a non-empty object {{file name: sha256}}, got "
+            f"{json.dumps(expected)[:40]}"
+        )
+    for name, digest in expected.items():
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise CheckpointError(f"{listing}: malformed sha256 for {name!r}: {digest!r}")
+    present = _files(directory)
+    unlisted = sorted(set(present) - set(expected))
+    if unlisted:
+        raise CheckpointError(
+            f"{directory / unlisted[0]}: file not listed in {CHECKSUMS} (unverified file refused)"
+        )
     for name, digest in expected.items():
         path = directory / name
-        if not path.is_file():
+        if name not in present:
             raise CheckpointError(f"{path}: file listed in {CHECKSUMS} is missing")
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: sha256 does not match {CHECKSUMS} (corrupt file)")
@@ -215,13 +324,22 @@ def load_config_file(directory: str | Path) -> RunConfig:
     """
     path = Path(directory) / CONFIG
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise CheckpointError(f"{path}: cannot read config: {error}") from error
-    version = raw.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(raw, dict):
         raise CheckpointError(
-            f"{path}: format_version {version!r} is newer than this code ({FORMAT_VERSION})"
+            f"{path}: malformed config: expected a mapping of sections, got {type(raw).__name__}"
+        )
+    version = raw.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"{path}: format_version must be an integer, got {version!r} "
+            f"({type(version).__name__})"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} is newer than this code ({FORMAT_VERSION})"
         )
     try:
         return config_from_dict(raw)
@@ -240,8 +358,13 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
         raise CheckpointError(f"{path}: weights file is missing")
     try:
         load_safetensors_model(unwrap_model(model), str(path), strict=True)
-    except (RuntimeError, OSError) as error:
-        raise CheckpointError(f"{path}: cannot load weights: {error}") from error
+    except (RuntimeError, OSError, SafetensorError) as error:
+        raise CheckpointError(f"{path}: cannot load weights: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_model(
@@ -251,15 +374,17 @@ def load_model(
 
     Args:
         directory: a model directory or training checkpoint.
-        device: where the model's parameters go.
+        device: where the model's parameters go: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
 
     Returns:
         ``(model, tokenizer, config)`` with the model in eval mode.
 
     Raises:
         CheckpointError: a missing or corrupt file (named in the message).
+        ValueError: a device this machine does not have (see ``hardware.resolve_device``).
     """
     directory = Path(directory)
+    device = resolve_device(str(device))
     verify_checksums(directory)
     config = load_config_file(directory)
     try:
@@ -282,7 +407,8 @@ def load_for_inference(
 
     Args:
         directory: a model directory or training checkpoint.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU),
+            resolved by :func:`seq2seq.hardware.resolve_device`.
         decode_overrides: ``DecodeConfig`` field -> value; a None value means "not given" and
             keeps the checkpoint's setting.
 
@@ -292,10 +418,13 @@ def load_for_inference(
 
     Raises:
         CheckpointError: a missing or corrupt file (named in the message).
-        ConfigError: an override that is not a decode setting, or an invalid value.
+        ConfigError: an override that is not a decode setting, or an invalid value; or a
+            device this machine does not have (the message quotes it).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = str(resolve_device(str(device)))
+    except ValueError as error:
+        raise ConfigError(f"--device: {error}") from None
     overrides = {k: v for k, v in (decode_overrides or {}).items() if v is not None}
     fields = {field.name for field in dataclasses.fields(DecodeConfig)}
     unknown = sorted(set(overrides) - fields)
@@ -307,24 +436,38 @@ def load_for_inference(
     return model, tokenizer, dataclasses.replace(config, decode=decode), device
 
 
-def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+def load_trainer_state(directory: str | Path, required: Sequence[str] = ()) -> dict[str, Any]:
     """``trainer_state.pt`` read with ``weights_only=True`` (no code runs from the file).
 
+    Args:
+        directory: a training checkpoint.
+        required: top-level keys that must be present (train's resume passes
+            :data:`TRAINER_STATE_KEYS`).
+
     Raises:
-        CheckpointError: the file is missing, truncated, or holds objects other than tensors and
-            plain containers (e.g. a pickle payload that would run code; it is not run).
+        CheckpointError: the file is missing, truncated, not a dict holding ``required``, or
+            holds objects other than tensors and plain containers (e.g. a pickle payload that
+            would run code; it is not run).
     """
     path = Path(directory) / TRAINER_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
             f"{path}: refused: holds objects that weights_only=True does not allow (untrusted "
             f"pickle content, not executed): {first_line}"
         ) from error
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot load trainer state: {error}") from error
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: cannot load trainer state: {_first_line(error)}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path}: malformed trainer state: expected a dict, got {type(state).__name__}"
+        )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: malformed trainer state: no {', '.join(missing)}")
+    return state
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -438,23 +581,62 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- averaging
 
 
-def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Element-wise mean of several checkpoints' weights, written as a model directory.
+def check_new_output(out: str | Path, inputs: Sequence[str | Path], what: str) -> Path:
+    """Refuse an output directory that exists or lies inside one of ``inputs``.
 
-    Accumulates in float32 and casts back to each tensor's stored dtype. Config and tokenizer come
-    from the first directory; no trainer state is written.
+    Args:
+        out: the directory a command is about to create.
+        inputs: the directories it reads from.
+        what: the option naming ``out`` in messages, e.g. ``--out``.
+
+    Returns:
+        ``out`` as a Path.
 
     Raises:
-        CheckpointError: no inputs, a corrupt input, or inputs with different tensors.
+        CheckpointError: ``out`` exists (any path: a file, a run directory, ``.``, an input)
+            or would be created inside an input (whose checksums would no longer list it).
+    """
+    out = Path(out)
+    if os.path.lexists(out):
+        raise CheckpointError(
+            f"{what} {out}: already exists; choose a new directory (nothing was written)"
+        )
+    target = out.resolve()
+    for directory in inputs:
+        source = Path(directory).resolve()
+        if target == source or source in target.parents:
+            raise CheckpointError(
+                f"{what} {out}: inside the input {directory}; choose a directory outside it"
+            )
+    return out
+
+
+def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Element-wise mean of several checkpoints' weights, written as a new model directory.
+
+    Accumulates in float32 and casts back to each tensor's stored dtype. Config and tokenizer come
+    from the first directory (exactly the files its checksums verified); no trainer state is
+    written. ``out_dir`` must not exist: it is written beside its final place and renamed there
+    only when complete.
+
+    Raises:
+        CheckpointError: no inputs, a corrupt input, inputs with different tensors, or an
+            ``out_dir`` that exists or lies inside an input.
     """
     directories = [Path(d) for d in directories]
     if not directories:
         raise CheckpointError("average: no checkpoint directories given")
+    out = check_new_output(out_dir, directories, "--out")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for directory in directories:
         verify_checksums(directory)
-        weights = load_file(str(directory / WEIGHTS))
+        try:
+            weights = load_file(str(directory / WEIGHTS))
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(
+                f"{directory / WEIGHTS}: cannot load weights: {_first_line(error)}"
+            ) from error
         if total and (
             set(weights) != set(total) or any(weights[k].shape != total[k].shape for k in total)
         ):
@@ -465,17 +647,21 @@ def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) 
                 total[name] += tensor.float()
             else:
                 total[name] = tensor.float().clone()
-    with safe_open(str(directories[0] / WEIGHTS), framework="pt") as handle:
+    first = directories[0]
+    with safe_open(str(first / WEIGHTS), framework="pt") as handle:
         metadata = handle.metadata()
     averaged = {name: (t / len(directories)).to(dtypes[name]) for name, t in total.items()}
-    first = directories[0]
+    copied = [name for name in _files(first) if name == CONFIG or name.startswith(f"{TOKENIZER}/")]
 
     def write(tmp: Path) -> None:
-        save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
-        shutil.copy2(first / CONFIG, tmp / CONFIG)
-        shutil.copytree(first / TOKENIZER, tmp / TOKENIZER)
+        with _writing(tmp / WEIGHTS):
+            save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
+        for name in copied:
+            with _writing(tmp / name):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(first / name, tmp / name, follow_symlinks=False)
 
-    return _write_atomically(Path(out_dir), write)
+    return write_directory(out, write, replace=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,7 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="seq2seq average", description="Average checkpoint weights into a model directory."
     )
-    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="model directory to create; it must not exist (an existing path is never replaced)",
+    )
     parser.add_argument(
         "--last",
         type=int,
