@@ -185,9 +185,7 @@ def _umask() -> int:
     return mask
 
 
-def write_directory(
-    directory: Path, write: Callable[[Path], None], replace: bool = True
-) -> Path:
+def write_directory(directory: Path, write: Callable[[Path], None], replace: bool = True) -> Path:
     """Run ``write(tmp)`` on a fresh ``<name>.tmp-XXXX`` beside ``directory``, add
     ``checksums.json``, fsync, and rename it into place; on any failure the temp dir is removed.
 
@@ -334,8 +332,7 @@ def load_config_file(directory: str | Path) -> RunConfig:
     version = raw.get("format_version", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int):
         raise CheckpointError(
-            f"{path}: format_version must be an integer, got {version!r} "
-            f"({type(version).__name__})"
+            f"{path}: format_version must be an integer, got {version!r} ({type(version).__name__})"
         )
     if version > FORMAT_VERSION:
         raise CheckpointError(

@@ -37,9 +37,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -275,16 +275,31 @@ DECODE_RULES = {
 }
 
 
-def check_settings(
-    decode: DecodeConfig, given: dict[str, object], rules: dict, model_dir: str
-) -> None:
-    """Raise TranslateError naming the flag (or the model's config key) of a value ``rules``
-    reject; ``given`` holds the flags' values (None: not given)."""
+def check_settings(values: dict[str, Any], rules: dict, where: str | None = None) -> None:
+    """Raise TranslateError for the first value ``rules`` reject (None values are not given).
+
+    The message names the value's flag, or ``decode.<field> in <where>`` when ``where`` (the
+    model directory) is given, for a value that came from the model's config.
+    """
     for name, (flag, allowed, requirement) in rules.items():
-        value = getattr(decode, name)
-        if not allowed(value):
-            where = flag if given.get(name) is not None else f"decode.{name} in {model_dir}"
-            raise TranslateError(f"{where} must be {requirement}, got {value}")
+        value = values.get(name)
+        if value is not None and not allowed(value):
+            label = f"decode.{name} in {where}" if where else flag
+            raise TranslateError(f"{label} must be {requirement}, got {value}")
+
+
+def check_decode_flags(
+    overrides: dict[str, Any], load: Callable[[], tuple], model_dir: str, rules: dict
+) -> tuple:
+    """Check the flags' values, run ``load`` (``load_for_inference``), then check the settings
+    that came from the model's config; returns what ``load`` returned."""
+    check_settings(overrides, rules)
+    loaded = load()
+    decode = loaded[2].decode
+    given = {name for name, value in overrides.items() if value is not None}
+    from_config = {f: getattr(decode, f) for f in rules if f not in given}
+    check_settings(from_config, rules, model_dir)
+    return loaded
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -350,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         device, precision, requested = resolve_cli_device(args)
         output = _output_path(args.input, args.output)
         overrides = {name: getattr(args, name) for name in DECODE_FLAGS}
-        model, tokenizer, config, _ = load_for_inference(args.model, str(device), overrides)
+        model, tokenizer, config, _ = check_decode_flags(
+            overrides,
+            lambda: load_for_inference(args.model, str(device), overrides),
+            args.model,
+            DECODE_RULES,
+        )
         if config.model.arch != "transformer":
             raise TranslateError(f"{args.model}: a GPT model cannot translate; use seq2seq sample")
-        check_settings(config.decode, overrides, DECODE_RULES, args.model)
     except (CheckpointError, ConfigError, TranslateError) as error:
         print(f"seq2seq translate: error: {error}", file=sys.stderr)
         return 2
@@ -398,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seq2seq translate: error: {error}", file=sys.stderr)
             return 2
         except BrokenPipeError:
-            return _stdout_closed("translate")
+            return stdout_closed("translate")
         except OSError as error:  # e.g. a full disk while writing --output
             print(f"seq2seq translate: error: {output}: {error.strerror}", file=sys.stderr)
             return 2
@@ -459,7 +478,7 @@ class ReplacedFile:
                 os.unlink(self.tmp)
 
 
-def _stdout_closed(command: str) -> int:
+def stdout_closed(command: str) -> int:
     """The reader of stdout went away: stop without a traceback (the documented exit 1)."""
     # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
     devnull = os.open(os.devnull, os.O_WRONLY)
