@@ -608,22 +608,31 @@ def check_new_output(out: str | Path, inputs: Sequence[str | Path], what: str) -
     return out
 
 
-def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) -> Path:
+def average_checkpoints(
+    directories: Sequence[str | Path], out_dir: str | Path, replace: bool = False
+) -> Path:
     """Element-wise mean of several checkpoints' weights, written as a new model directory.
 
     Accumulates in float32 and casts back to each tensor's stored dtype. Config and tokenizer come
     from the first directory (exactly the files its checksums verified); no trainer state is
     written. ``out_dir`` must not exist: it is written beside its final place and renamed there
-    only when complete.
+    only when complete. With ``replace``, ``out_dir`` may be an earlier average (a verified
+    model directory without trainer state, holding no input), swapped out only once the new one
+    is complete.
 
     Raises:
         CheckpointError: no inputs, a corrupt input, inputs with different tensors, or an
-            ``out_dir`` that exists or lies inside an input.
+            ``out_dir`` that exists (with ``replace``: that is not an earlier average) or lies
+            inside an input.
     """
     directories = [Path(d) for d in directories]
     if not directories:
         raise CheckpointError("average: no checkpoint directories given")
-    out = check_new_output(out_dir, directories, "--out")
+    if replace and os.path.lexists(out_dir):
+        _check_replaceable_average(Path(out_dir), directories)
+        out = Path(out_dir)
+    else:
+        out = check_new_output(out_dir, directories, "--out")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for directory in directories:
@@ -658,7 +667,27 @@ def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) 
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(first / name, tmp / name, follow_symlinks=False)
 
-    return write_directory(out, write, replace=False)
+    return write_directory(out, write, replace=replace)
+
+
+def _check_replaceable_average(out: Path, inputs: Sequence[Path]) -> None:
+    """``out`` is what average writes (and nothing more), and holds none of ``inputs``."""
+    why = None
+    if out.name in ("", ".", ".."):
+        why = "name the directory itself, not '.' or '..'"
+    elif out.is_symlink() or not out.is_dir():
+        why = "not a directory"
+    elif (out / TRAINER_STATE).exists() or (out / "checkpoints").exists():
+        why = "a training checkpoint or run directory, not an averaged model"
+    elif any(out.resolve() in (p.resolve(), *p.resolve().parents) for p in inputs):
+        why = "it holds an input"
+    else:
+        try:
+            verify_checksums(out)
+        except CheckpointError as error:
+            why = f"not a verified model directory ({error})"
+    if why:
+        raise CheckpointError(f"--out {out}: --replace refused: {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,7 +702,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         required=True,
-        help="model directory to create; it must not exist (an existing path is never replaced)",
+        help="model directory to create; it must not exist (see --replace)",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="let --out be an earlier average (a verified model directory without trainer "
+        "state); it is swapped out only once the new one is complete",
     )
     parser.add_argument(
         "--last",
@@ -703,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         directories = [Path(p) for p in args.paths]
     try:
-        out = average_checkpoints(directories, args.out)
+        out = average_checkpoints(directories, args.out, replace=args.replace)
     except CheckpointError as error:
         print(f"seq2seq average: error: {error}", file=sys.stderr)
         return 2
