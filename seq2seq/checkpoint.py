@@ -18,9 +18,8 @@ removed by the next save). A run keeps ``<out_dir>/checkpoints/step_<n>/`` plus 
 ``last`` and ``best`` (each holds a directory name). Weights with a NaN or Inf are never saved, and
 ``trainer_state.pt`` is read with ``weights_only=True``, so a planted pickle payload runs no code.
 
-Test hook: with ``SEQ2SEQ_TEST_PAUSE_MID_WRITE=<seconds>`` in the environment, every directory write
-prints ``checkpoint: paused mid-write <tmp dir>`` and sleeps after its files are written and before
-the checksums and the rename, so that a test can kill the process at exactly that point.
+The writing and verifying of whole directories (temp dir + rename, checksums, no symlinks, file
+modes, full-disk messages) lives in :mod:`seq2seq.directory`; this module knows what goes in them.
 
     seq2seq average --out runs/m30k/avg --last 5 runs/m30k
 """
@@ -28,11 +27,7 @@ the checksums and the rename, so that a test can kill the process at exactly tha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import errno
-import hashlib
-import json
 import os
 import pickle
 import random
@@ -40,9 +35,8 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,33 +57,34 @@ from seq2seq.config import (
     config_from_dict,
     save_config,
 )
+
+# Re-exported, so that the checkpoint API reads as it did before seq2seq.directory took these.
+from seq2seq.directory import (  # noqa: F401
+    CHECKSUMS,
+    PAUSE_MID_WRITE,
+    CheckpointError,
+    CheckpointWriteError,
+    check_new_output,
+    fsync_path,
+    regular_files,
+    sha256_file,
+    verify_checksums,
+    write_directory,
+    writing_to,
+)
 from seq2seq.hardware import resolve_device
 from seq2seq.model import build_model
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
+_sha256 = sha256_file  # the name tests and tools used before seq2seq.directory took it over
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
-CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_\d+\.(tmp|old|del)-")  # what a killed save or prune leaves behind
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-PAUSE_MID_WRITE = "SEQ2SEQ_TEST_PAUSE_MID_WRITE"
 # What train.py's resume reads from trainer_state.pt (load_trainer_state(..., required=...)).
 TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
-# Below this many free bytes, a writer's failure is taken to be a full disk: torch.save reports
-# ENOSPC only as "PytorchStreamWriter failed writing file" or "basic_ios::clear ... unexpected pos".
-_FULL_DISK_BYTES = 16 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt or incompatible; the message names the path."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """Writing a checkpoint failed (a full disk, permissions); the message names the path and,
-    for a full disk, ENOSPC. An OSError too, as the failure it reports."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -136,182 +131,20 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         metadata = {"format_version": str(FORMAT_VERSION)}
-        with _writing(tmp / WEIGHTS):
+        with writing_to(tmp / WEIGHTS):
             save_safetensors_model(unwrap_model(model), str(tmp / WEIGHTS), metadata=metadata)
-        with _writing(tmp / CONFIG):
+        with writing_to(tmp / CONFIG):
             save_config(config, tmp / CONFIG)
-        with _writing(tmp / TOKENIZER):
+        with writing_to(tmp / TOKENIZER):
             tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
-            with _writing(tmp / TRAINER_STATE):
+            with writing_to(tmp / TRAINER_STATE):
                 torch.save(trainer_state, tmp / TRAINER_STATE)
 
     return write_directory(Path(directory), write)
 
 
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """A writer's failure as a CheckpointWriteError naming ``path`` (and ENOSPC on a full disk)."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (OSError, RuntimeError, SafetensorError) as error:
-        raise CheckpointWriteError(_write_failure(path, error)) from error
-
-
-def _write_failure(path: Path, error: BaseException) -> str:
-    if isinstance(error, OSError) and error.errno is not None:
-        name = errno.errorcode.get(error.errno, str(error.errno))
-        return f"{path}: cannot write: {error.strerror or os.strerror(error.errno)} ({name})"
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    text = str(error)
-    if (
-        "No space left" in text
-        or "StorageFull" in text
-        or (free is not None and free < _FULL_DISK_BYTES)
-    ):
-        return f"{path}: cannot write: no space left on device (ENOSPC; {free} bytes free)"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return f"{path}: cannot write: {first_line}"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def write_directory(directory: Path, write: Callable[[Path], None], replace: bool = True) -> Path:
-    """Run ``write(tmp)`` on a fresh ``<name>.tmp-XXXX`` beside ``directory``, add
-    ``checksums.json``, fsync, and rename it into place; on any failure the temp dir is removed.
-
-    Files get the umask's mode (some writers create them 0600). With ``replace=False`` an
-    existing ``directory`` is never touched: the call fails before writing (and again before the
-    rename, should something appear there meanwhile).
-    """
-    if not replace and os.path.lexists(directory):
-        raise CheckpointError(f"{directory}: already exists; refusing to replace it")
-    with _writing(directory.parent):
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
-    try:
-        mask = _umask()
-        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the result should follow the umask
-        write(tmp)
-        if os.environ.get(PAUSE_MID_WRITE):
-            print(f"checkpoint: paused mid-write {tmp}", flush=True)
-            time.sleep(float(os.environ[PAUSE_MID_WRITE]))
-        names = _files(tmp)
-        for name in names:  # some writers (safetensors) create files 0600 whatever the umask
-            (tmp / name).chmod(0o666 & ~mask)
-        with _writing(tmp / CHECKSUMS):
-            checksums = {name: _sha256(tmp / name) for name in names}
-            (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
-            for name in [*checksums, CHECKSUMS]:
-                _fsync(tmp / name)
-            _fsync(tmp)
-        if not replace and os.path.lexists(directory):
-            raise CheckpointError(f"{directory}: appeared while writing; refusing to replace it")
-        old = None
-        if directory.exists():  # a directory cannot be renamed over a non-empty one
-            old = Path(tempfile.mkdtemp(prefix=f"{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        _fsync(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def _files(root: Path) -> list[str]:
-    """Relative POSIX paths of every regular file under ``root``, checksum file excluded.
-
-    Raises:
-        CheckpointError: a symlink or special file inside ``root`` (named): a model directory
-            holds only its own regular files and folders, never a link to elsewhere.
-    """
-    names = []
-    for folder, subdirs, files in os.walk(root):  # never descends into a symlinked folder
-        for name in sorted(subdirs + files):
-            path = Path(folder) / name
-            if path.is_symlink():
-                raise CheckpointError(
-                    f"{path}: symlink inside a model directory (refused; copy the file in instead)"
-                )
-        for name in files:
-            path = Path(folder) / name
-            if not path.is_file():
-                raise CheckpointError(f"{path}: not a regular file (refused in a model directory)")
-            names.append(path.relative_to(root).as_posix())
-    return sorted(name for name in names if name != CHECKSUMS)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- reading
-
-
-def verify_checksums(directory: str | Path) -> None:
-    """Recompute every file's sha256 against ``checksums.json``, which must list every file.
-
-    Raises:
-        CheckpointError: the checksum file is missing or not a non-empty ``{name: sha256}``
-            object; a listed file is missing; a file is not listed; a symlink or special file
-            is inside the directory; or a digest differs. The message names the path.
-    """
-    directory = Path(directory)
-    listing = directory / CHECKSUMS
-    if listing.is_symlink():
-        raise CheckpointError(f"{listing}: symlink inside a model directory (refused)")
-    try:
-        expected = json.loads(listing.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{listing}: cannot read checksums: {error}") from error
-    if not isinstance(expected, dict) or not expected:
-        raise CheckpointError(
-            f"{listing}: malformed: expected a non-empty object {{file name: sha256}}, got "
-            f"{json.dumps(expected)[:40]}"
-        )
-    for name, digest in expected.items():
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise CheckpointError(f"{listing}: malformed sha256 for {name!r}: {digest!r}")
-    present = _files(directory)
-    unlisted = sorted(set(present) - set(expected))
-    if unlisted:
-        raise CheckpointError(
-            f"{directory / unlisted[0]}: file not listed in {CHECKSUMS} (unverified file refused)"
-        )
-    for name, digest in expected.items():
-        path = directory / name
-        if name not in present:
-            raise CheckpointError(f"{path}: file listed in {CHECKSUMS} is missing")
-        if _sha256(path) != digest:
-            raise CheckpointError(f"{path}: sha256 does not match {CHECKSUMS} (corrupt file)")
 
 
 def load_config_file(directory: str | Path) -> RunConfig:
@@ -419,9 +252,12 @@ def load_for_inference(
             device this machine does not have (the message quotes it).
     """
     try:
-        device = str(resolve_device(str(device)))
+        resolved = resolve_device(str(device))
     except ValueError as error:
         raise ConfigError(f"--device: {error}") from None
+    # "auto" and "cuda" name the default device: report it as "cuda" (or "cpu"), as before.
+    plain = str(device).strip() in ("auto", "cuda", "cpu") and resolved.index in (None, 0)
+    device = resolved.type if plain else str(resolved)
     overrides = {k: v for k, v in (decode_overrides or {}).items() if v is not None}
     fields = {field.name for field in dataclasses.fields(DecodeConfig)}
     unknown = sorted(set(overrides) - fields)
@@ -493,7 +329,7 @@ def write_pointer(out_dir: str | Path, name: str, target: Path) -> None:
     pointer = Path(out_dir) / "checkpoints" / name
     tmp = pointer.with_name(f"{name}.tmp-{os.getpid()}")
     tmp.write_text(target.name + "\n")
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, pointer)
 
 
@@ -578,36 +414,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- averaging
 
 
-def check_new_output(out: str | Path, inputs: Sequence[str | Path], what: str) -> Path:
-    """Refuse an output directory that exists or lies inside one of ``inputs``.
-
-    Args:
-        out: the directory a command is about to create.
-        inputs: the directories it reads from.
-        what: the option naming ``out`` in messages, e.g. ``--out``.
-
-    Returns:
-        ``out`` as a Path.
-
-    Raises:
-        CheckpointError: ``out`` exists (any path: a file, a run directory, ``.``, an input)
-            or would be created inside an input (whose checksums would no longer list it).
-    """
-    out = Path(out)
-    if os.path.lexists(out):
-        raise CheckpointError(
-            f"{what} {out}: already exists; choose a new directory (nothing was written)"
-        )
-    target = out.resolve()
-    for directory in inputs:
-        source = Path(directory).resolve()
-        if target == source or source in target.parents:
-            raise CheckpointError(
-                f"{what} {out}: inside the input {directory}; choose a directory outside it"
-            )
-    return out
-
-
 def average_checkpoints(
     directories: Sequence[str | Path], out_dir: str | Path, replace: bool = False
 ) -> Path:
@@ -657,13 +463,15 @@ def average_checkpoints(
     with safe_open(str(first / WEIGHTS), framework="pt") as handle:
         metadata = handle.metadata()
     averaged = {name: (t / len(directories)).to(dtypes[name]) for name, t in total.items()}
-    copied = [name for name in _files(first) if name == CONFIG or name.startswith(f"{TOKENIZER}/")]
+    copied = [
+        name for name in regular_files(first) if name == CONFIG or name.startswith(f"{TOKENIZER}/")
+    ]
 
     def write(tmp: Path) -> None:
-        with _writing(tmp / WEIGHTS):
+        with writing_to(tmp / WEIGHTS):
             save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
         for name in copied:
-            with _writing(tmp / name):
+            with writing_to(tmp / name):
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(first / name, tmp / name, follow_symlinks=False)
 

@@ -226,7 +226,7 @@ def save_marian(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path) -
     Raises:
         ExportError: see :func:`to_marian`; or ``out_dir`` exists.
     """
-    from seq2seq.checkpoint import CheckpointError, write_directory
+    from seq2seq.directory import CheckpointError, write_directory
 
     marian = to_marian(model, tokenizer)
     try:

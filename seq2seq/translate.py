@@ -13,6 +13,10 @@ Output length limit per sentence: ``max_len = max_len_a * source_len + max_len_b
 (source_len counts EOS; max_len counts generated tokens including EOS), capped at
 ``max_positions``. ``beam_size=1`` runs :func:`seq2seq.search.greedy`, which gives the same result.
 
+``--precision auto|fp32|bf16`` (default auto) picks the autocast dtype through
+:func:`seq2seq.hardware.resolve_precision` and prints its choice and reason at start; ``--bf16`` is
+a deprecated alias for ``--precision bf16``.
+
 ``--nbest K`` writes exactly K lines per input line, ``INDEX ||| HYPOTHESIS ||| SCORE`` with a
 0-based input index and the length-normalised log-probability score; missing hypotheses (an
 empty input, or a search that found fewer than K) are written as empty with score ``-inf``

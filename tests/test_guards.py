@@ -34,6 +34,7 @@ from seq2seq.checkpoint import (
     verify_checksums,
 )
 from seq2seq.config import ConfigError, config_from_dict
+from seq2seq.directory import regular_files, sha256_file
 from seq2seq.evaluate import main as evaluate_main
 from seq2seq.export import main as export_main
 from seq2seq.model import build_model
@@ -106,8 +107,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _regenerate_checksums(directory: Path) -> None:
     """What an attacker (or a careless script) who edits a file can do: list it afresh."""
-    names = checkpoint._files(directory)
-    sums = {name: checkpoint._sha256(directory / name) for name in names}
+    names = regular_files(directory)
+    sums = {name: sha256_file(directory / name) for name in names}
     (directory / "checksums.json").write_text(json.dumps(sums))
 
 
