@@ -8,7 +8,8 @@ needed to resume exactly::
     tokenizer/           Tokenizer.save output
     trainer_state.pt     optimizer, scheduler, scaler, counters, RNG states (training only);
                          tensors and plain containers only, so torch.load(weights_only=True) reads it
-    checksums.json       sha256 of every other file
+    checksums.json       sha256 of every other file; every file must be listed, and a symlink
+                         anywhere inside the directory is refused (nothing outside it is read)
 
 A directory is written under ``<name>.tmp-XXXX`` next to its final place, fsynced and renamed, so a
 crash mid-write never leaves a half-written ``<name>``; pruning renames a directory away before
@@ -17,9 +18,8 @@ removed by the next save). A run keeps ``<out_dir>/checkpoints/step_<n>/`` plus 
 ``last`` and ``best`` (each holds a directory name). Weights with a NaN or Inf are never saved, and
 ``trainer_state.pt`` is read with ``weights_only=True``, so a planted pickle payload runs no code.
 
-Test hook: with ``SEQ2SEQ_TEST_PAUSE_MID_WRITE=<seconds>`` in the environment, every directory write
-prints ``checkpoint: paused mid-write <tmp dir>`` and sleeps after its files are written and before
-the checksums and the rename, so that a test can kill the process at exactly that point.
+The writing and verifying of whole directories (temp dir + rename, checksums, no symlinks, file
+modes, full-disk messages) lives in :mod:`seq2seq.directory`; this module knows what goes in them.
 
     seq2seq average --out runs/m30k/avg --last 5 runs/m30k
 """
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
 import pickle
 import random
@@ -37,16 +35,15 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
@@ -60,21 +57,34 @@ from seq2seq.config import (
     config_from_dict,
     save_config,
 )
+
+# Re-exported, so that the checkpoint API reads as it did before seq2seq.directory took these.
+from seq2seq.directory import (  # noqa: F401
+    CHECKSUMS,
+    PAUSE_MID_WRITE,
+    CheckpointError,
+    CheckpointWriteError,
+    check_new_output,
+    fsync_path,
+    regular_files,
+    sha256_file,
+    verify_checksums,
+    write_directory,
+    writing_to,
+)
+from seq2seq.hardware import resolve_device
 from seq2seq.model import build_model
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
+_sha256 = sha256_file  # the name tests and tools used before seq2seq.directory took it over
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
-CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_\d+\.(tmp|old|del)-")  # what a killed save or prune leaves behind
-PAUSE_MID_WRITE = "SEQ2SEQ_TEST_PAUSE_MID_WRITE"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt or incompatible; the message names the path."""
+# What train.py's resume reads from trainer_state.pt (load_trainer_state(..., required=...)).
+TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -121,90 +131,20 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         metadata = {"format_version": str(FORMAT_VERSION)}
-        save_safetensors_model(unwrap_model(model), str(tmp / WEIGHTS), metadata=metadata)
-        save_config(config, tmp / CONFIG)
-        tokenizer.save(tmp / TOKENIZER)
+        with writing_to(tmp / WEIGHTS):
+            save_safetensors_model(unwrap_model(model), str(tmp / WEIGHTS), metadata=metadata)
+        with writing_to(tmp / CONFIG):
+            save_config(config, tmp / CONFIG)
+        with writing_to(tmp / TOKENIZER):
+            tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            with writing_to(tmp / TRAINER_STATE):
+                torch.save(trainer_state, tmp / TRAINER_STATE)
 
-    return _write_atomically(Path(directory), write)
-
-
-def _write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
-        write(tmp)
-        if os.environ.get(PAUSE_MID_WRITE):
-            print(f"checkpoint: paused mid-write {tmp}", flush=True)
-            time.sleep(float(os.environ[PAUSE_MID_WRITE]))
-        checksums = {name: _sha256(tmp / name) for name in _files(tmp)}
-        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
-        for name in [*checksums, CHECKSUMS]:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        old = None
-        if directory.exists():  # a directory cannot be renamed over a non-empty one
-            old = Path(tempfile.mkdtemp(prefix=f"{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        _fsync(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def _files(root: Path) -> list[str]:
-    """Relative POSIX paths of every regular file under ``root``, checksum file excluded."""
-    names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    return sorted(name for name in names if name != CHECKSUMS)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return write_directory(Path(directory), write)
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def verify_checksums(directory: str | Path) -> None:
-    """Recompute every file's sha256 against ``checksums.json``.
-
-    Raises:
-        CheckpointError: the checksum file or a listed file is missing, or a digest differs.
-    """
-    directory = Path(directory)
-    listing = directory / CHECKSUMS
-    try:
-        expected = json.loads(listing.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{listing}: cannot read checksums: {error}") from error
-    for name, digest in expected.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file listed in {CHECKSUMS} is missing")
-        if _sha256(path) != digest:
-            raise CheckpointError(f"{path}: sha256 does not match {CHECKSUMS} (corrupt file)")
 
 
 def load_config_file(directory: str | Path) -> RunConfig:
@@ -215,13 +155,21 @@ def load_config_file(directory: str | Path) -> RunConfig:
     """
     path = Path(directory) / CONFIG
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise CheckpointError(f"{path}: cannot read config: {error}") from error
-    version = raw.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(raw, dict):
         raise CheckpointError(
-            f"{path}: format_version {version!r} is newer than this code ({FORMAT_VERSION})"
+            f"{path}: malformed config: expected a mapping of sections, got {type(raw).__name__}"
+        )
+    version = raw.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"{path}: format_version must be an integer, got {version!r} ({type(version).__name__})"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} is newer than this code ({FORMAT_VERSION})"
         )
     try:
         return config_from_dict(raw)
@@ -240,8 +188,13 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
         raise CheckpointError(f"{path}: weights file is missing")
     try:
         load_safetensors_model(unwrap_model(model), str(path), strict=True)
-    except (RuntimeError, OSError) as error:
-        raise CheckpointError(f"{path}: cannot load weights: {error}") from error
+    except (RuntimeError, OSError, SafetensorError) as error:
+        raise CheckpointError(f"{path}: cannot load weights: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_model(
@@ -251,15 +204,17 @@ def load_model(
 
     Args:
         directory: a model directory or training checkpoint.
-        device: where the model's parameters go.
+        device: where the model's parameters go: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
 
     Returns:
         ``(model, tokenizer, config)`` with the model in eval mode.
 
     Raises:
         CheckpointError: a missing or corrupt file (named in the message).
+        ValueError: a device this machine does not have (see ``hardware.resolve_device``).
     """
     directory = Path(directory)
+    device = resolve_device(str(device))
     verify_checksums(directory)
     config = load_config_file(directory)
     try:
@@ -282,7 +237,8 @@ def load_for_inference(
 
     Args:
         directory: a model directory or training checkpoint.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU),
+            resolved by :func:`seq2seq.hardware.resolve_device`.
         decode_overrides: ``DecodeConfig`` field -> value; a None value means "not given" and
             keeps the checkpoint's setting.
 
@@ -292,10 +248,16 @@ def load_for_inference(
 
     Raises:
         CheckpointError: a missing or corrupt file (named in the message).
-        ConfigError: an override that is not a decode setting, or an invalid value.
+        ConfigError: an override that is not a decode setting, or an invalid value; or a
+            device this machine does not have (the message quotes it).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = resolve_device(str(device))
+    except ValueError as error:
+        raise ConfigError(f"--device: {error}") from None
+    # "auto" and "cuda" name the default device: report it as "cuda" (or "cpu"), as before.
+    plain = str(device).strip() in ("auto", "cuda", "cpu") and resolved.index in (None, 0)
+    device = resolved.type if plain else str(resolved)
     overrides = {k: v for k, v in (decode_overrides or {}).items() if v is not None}
     fields = {field.name for field in dataclasses.fields(DecodeConfig)}
     unknown = sorted(set(overrides) - fields)
@@ -307,24 +269,38 @@ def load_for_inference(
     return model, tokenizer, dataclasses.replace(config, decode=decode), device
 
 
-def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+def load_trainer_state(directory: str | Path, required: Sequence[str] = ()) -> dict[str, Any]:
     """``trainer_state.pt`` read with ``weights_only=True`` (no code runs from the file).
 
+    Args:
+        directory: a training checkpoint.
+        required: top-level keys that must be present (train's resume passes
+            :data:`TRAINER_STATE_KEYS`).
+
     Raises:
-        CheckpointError: the file is missing, truncated, or holds objects other than tensors and
-            plain containers (e.g. a pickle payload that would run code; it is not run).
+        CheckpointError: the file is missing, truncated, not a dict holding ``required``, or
+            holds objects other than tensors and plain containers (e.g. a pickle payload that
+            would run code; it is not run).
     """
     path = Path(directory) / TRAINER_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
             f"{path}: refused: holds objects that weights_only=True does not allow (untrusted "
             f"pickle content, not executed): {first_line}"
         ) from error
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot load trainer state: {error}") from error
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: cannot load trainer state: {_first_line(error)}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path}: malformed trainer state: expected a dict, got {type(state).__name__}"
+        )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: malformed trainer state: no {', '.join(missing)}")
+    return state
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -353,7 +329,7 @@ def write_pointer(out_dir: str | Path, name: str, target: Path) -> None:
     pointer = Path(out_dir) / "checkpoints" / name
     tmp = pointer.with_name(f"{name}.tmp-{os.getpid()}")
     tmp.write_text(target.name + "\n")
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, pointer)
 
 
@@ -438,23 +414,41 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- averaging
 
 
-def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Element-wise mean of several checkpoints' weights, written as a model directory.
+def average_checkpoints(
+    directories: Sequence[str | Path], out_dir: str | Path, replace: bool = False
+) -> Path:
+    """Element-wise mean of several checkpoints' weights, written as a new model directory.
 
     Accumulates in float32 and casts back to each tensor's stored dtype. Config and tokenizer come
-    from the first directory; no trainer state is written.
+    from the first directory (exactly the files its checksums verified); no trainer state is
+    written. ``out_dir`` must not exist: it is written beside its final place and renamed there
+    only when complete. With ``replace``, ``out_dir`` may be an earlier average (a verified
+    model directory without trainer state, holding no input), swapped out only once the new one
+    is complete.
 
     Raises:
-        CheckpointError: no inputs, a corrupt input, or inputs with different tensors.
+        CheckpointError: no inputs, a corrupt input, inputs with different tensors, or an
+            ``out_dir`` that exists (with ``replace``: that is not an earlier average) or lies
+            inside an input.
     """
     directories = [Path(d) for d in directories]
     if not directories:
         raise CheckpointError("average: no checkpoint directories given")
+    if replace and os.path.lexists(out_dir):
+        _check_replaceable_average(Path(out_dir), directories)
+        out = Path(out_dir)
+    else:
+        out = check_new_output(out_dir, directories, "--out")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for directory in directories:
         verify_checksums(directory)
-        weights = load_file(str(directory / WEIGHTS))
+        try:
+            weights = load_file(str(directory / WEIGHTS))
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(
+                f"{directory / WEIGHTS}: cannot load weights: {_first_line(error)}"
+            ) from error
         if total and (
             set(weights) != set(total) or any(weights[k].shape != total[k].shape for k in total)
         ):
@@ -465,17 +459,43 @@ def average_checkpoints(directories: Sequence[str | Path], out_dir: str | Path) 
                 total[name] += tensor.float()
             else:
                 total[name] = tensor.float().clone()
-    with safe_open(str(directories[0] / WEIGHTS), framework="pt") as handle:
+    first = directories[0]
+    with safe_open(str(first / WEIGHTS), framework="pt") as handle:
         metadata = handle.metadata()
     averaged = {name: (t / len(directories)).to(dtypes[name]) for name, t in total.items()}
-    first = directories[0]
+    copied = [
+        name for name in regular_files(first) if name == CONFIG or name.startswith(f"{TOKENIZER}/")
+    ]
 
     def write(tmp: Path) -> None:
-        save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
-        shutil.copy2(first / CONFIG, tmp / CONFIG)
-        shutil.copytree(first / TOKENIZER, tmp / TOKENIZER)
+        with writing_to(tmp / WEIGHTS):
+            save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
+        for name in copied:
+            with writing_to(tmp / name):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(first / name, tmp / name, follow_symlinks=False)
 
-    return _write_atomically(Path(out_dir), write)
+    return write_directory(out, write, replace=replace)
+
+
+def _check_replaceable_average(out: Path, inputs: Sequence[Path]) -> None:
+    """``out`` is what average writes (and nothing more), and holds none of ``inputs``."""
+    why = None
+    if out.name in ("", ".", ".."):
+        why = "name the directory itself, not '.' or '..'"
+    elif out.is_symlink() or not out.is_dir():
+        why = "not a directory"
+    elif (out / TRAINER_STATE).exists() or (out / "checkpoints").exists():
+        why = "a training checkpoint or run directory, not an averaged model"
+    elif any(out.resolve() in (p.resolve(), *p.resolve().parents) for p in inputs):
+        why = "it holds an input"
+    else:
+        try:
+            verify_checksums(out)
+        except CheckpointError as error:
+            why = f"not a verified model directory ({error})"
+    if why:
+        raise CheckpointError(f"--out {out}: --replace refused: {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,7 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="seq2seq average", description="Average checkpoint weights into a model directory."
     )
-    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="model directory to create; it must not exist (see --replace)",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="let --out be an earlier average (a verified model directory without trainer "
+        "state); it is swapped out only once the new one is complete",
+    )
     parser.add_argument(
         "--last",
         type=int,
@@ -516,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         directories = [Path(p) for p in args.paths]
     try:
-        out = average_checkpoints(directories, args.out)
+        out = average_checkpoints(directories, args.out, replace=args.replace)
     except CheckpointError as error:
         print(f"seq2seq average: error: {error}", file=sys.stderr)
         return 2

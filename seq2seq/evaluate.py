@@ -8,6 +8,11 @@ Never our own BLEU: every number comes from the library, with its signature, so 
 
 ``refs`` follow sacreBLEU: a list of reference *streams*, each holding one reference per
 hypothesis (``refs[j][i]`` is reference ``j`` of sentence ``i``).
+
+Nothing to score is an error, not a number: two empty files (sacreBLEU's BLEU of no sentences
+is undefined), a hypothesis file whose line count differs from a reference's (an empty one
+included), an empty ``--metrics`` list, or a perplexity over empty files. Each gives one line on
+stderr naming the files or the option, exit status 2.
 """
 
 from __future__ import annotations
@@ -55,8 +60,12 @@ def score(
     unknown = [name for name in metrics if name not in METRICS]
     if unknown:
         raise EvaluateError(f"unknown metric(s) {unknown}; known: {list(METRICS)}")
+    if not metrics:
+        raise EvaluateError(f"no metric given; known: {list(METRICS)}")
     if not refs:
         raise EvaluateError("no reference stream given")
+    if not hyps:
+        raise EvaluateError("nothing to score: no hypotheses (and no references)")
     for j, stream in enumerate(refs):
         if len(stream) != len(hyps):
             raise EvaluateError(f"reference stream {j} has {len(stream)} lines, hyps {len(hyps)}")
@@ -130,6 +139,8 @@ def perplexity_seq2seq(
     """Teacher-forced perplexity of target pieces (+EOS) given source pieces (+EOS)."""
     from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
+    if not pairs:
+        raise EvaluateError("nothing to score: no sentence pairs")
     limit = model.config.max_positions
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
@@ -186,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model directory (perplexity mode)")
     parser.add_argument("--text", help="with a GPT --model: plain text to score")
     parser.add_argument("--src", help="with a Transformer --model: sources aligned with --ref")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     return parser
 
 
@@ -220,21 +231,38 @@ def _score_cli(args: argparse.Namespace) -> dict:
                 f"line counts differ: {args.hyp} has {len(hyps)} lines, {path} has {len(stream)}"
             )
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
+    unknown = [name for name in metrics if name not in METRICS]
+    if unknown or not metrics:
+        raise EvaluateError(
+            f"--metrics {args.metrics!r}: "
+            + (f"unknown metric {unknown[0]!r}" if unknown else "no metric given")
+            + f"; choose from {','.join(METRICS)}"
+        )
+    if not hyps:
+        raise EvaluateError(f"nothing to score: {args.hyp} and {', '.join(args.ref)} are empty")
     return score(hyps, refs, metrics, lowercase=args.lowercase)
 
 
 def _perplexity_cli(args: argparse.Namespace) -> dict:
     from seq2seq.checkpoint import CheckpointError, load_model
+    from seq2seq.hardware import resolve_device
 
     try:
-        model, tokenizer, config = load_model(args.model, device=args.device)
+        device = str(resolve_device(args.device))
+    except ValueError as error:
+        raise EvaluateError(f"--device: {error}") from None
+    try:
+        model, tokenizer, config = load_model(args.model, device=device)
     except CheckpointError as error:
         raise EvaluateError(str(error)) from error
     if config.model.arch == "gpt":
         if not args.text:
             raise EvaluateError("a GPT model needs --text FILE")
         text = "\n".join(read_lines(args.text)) + "\n"
-        result = perplexity_lm(model, tokenizer.encode_target(text), args.device)
+        ids = tokenizer.encode_target(text)
+        if len(ids) < 2:
+            raise EvaluateError(f"{args.text}: too short to score (needs at least two tokens)")
+        result = perplexity_lm(model, ids, device)
     else:
         if not (args.src and args.ref and len(args.ref) == 1):
             raise EvaluateError("a Transformer model needs --src FILE and one --ref FILE")
@@ -244,10 +272,12 @@ def _perplexity_cli(args: argparse.Namespace) -> dict:
                 f"line counts differ: {args.src} has {len(sources)} lines, "
                 f"{args.ref[0]} has {len(targets)}"
             )
+        if not sources:
+            raise EvaluateError(f"nothing to score: {args.src} and {args.ref[0]} are empty")
         pairs = list(
             zip(tokenizer.encode_source_batch(sources), tokenizer.encode_target_batch(targets))
         )
-        result = perplexity_seq2seq(model, pairs, args.device)
+        result = perplexity_seq2seq(model, pairs, device)
     result["text"] = (
         f"perplexity = {result['perplexity']:.3f} (nll {result['nll']:.4f} nats/token, "
         f"{result['tokens']} tokens)"

@@ -214,13 +214,30 @@ def to_marian(model: Transformer, tokenizer: Tokenizer | None = None) -> MarianM
 def save_marian(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     """Write ``to_marian(model)`` with ``save_pretrained`` (safetensors) plus the tokenizer.
 
+    ``out_dir`` must not exist: everything is written into a temporary directory beside it,
+    renamed to ``out_dir`` only when complete, so an existing directory is never overwritten
+    and a failed export leaves nothing behind.
+
     The directory gets ``config.json``, ``generation_config.json``, ``model.safetensors``, our
     ``tokenizer/`` (``Tokenizer.load`` reads it) and, for SentencePiece vocabularies, the files
     ``MarianTokenizer`` reads (``source.spm``, ``target.spm``, ``vocab.json`` or
     ``target_vocab.json``, ``tokenizer_config.json``), plus ``TOKENIZER.md`` on how to use them.
+
+    Raises:
+        ExportError: see :func:`to_marian`; or ``out_dir`` exists.
     """
-    out = Path(out_dir)
+    from seq2seq.directory import CheckpointError, write_directory
+
     marian = to_marian(model, tokenizer)
+    try:
+        return write_directory(
+            Path(out_dir), lambda tmp: _save_marian_files(marian, tokenizer, tmp), replace=False
+        )
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
+
+
+def _save_marian_files(marian: MarianMTModel, tokenizer: Tokenizer, out: Path) -> None:
     marian.save_pretrained(out, safe_serialization=True)
     tokenizer.save(out / "tokenizer")
     note = [
@@ -243,7 +260,6 @@ def save_marian(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path) -
     else:
         note += ["", "Character vocabularies have no MarianTokenizer equivalent."]
     (out / "TOKENIZER.md").write_text("\n".join(note) + "\n", encoding="utf-8")
-    return out
 
 
 def _write_marian_tokenizer_files(tokenizer: Tokenizer, out: Path) -> None:
@@ -279,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a model directory to Hugging Face transformers (MarianMTModel).",
     )
     parser.add_argument("--model", required=True, help="model directory (model.safetensors, ...)")
-    parser.add_argument("--out", required=True, help="directory to write (save_pretrained)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory to create (save_pretrained); it must not exist and must lie outside --model",
+    )
     parser.add_argument("--format", default="marian", choices=["marian"], help="target format")
     args = parser.parse_args(argv)
-    from seq2seq.checkpoint import CheckpointError, load_model
+    from seq2seq.checkpoint import CheckpointError, check_new_output, load_model
 
     try:
+        check_new_output(args.out, [args.model], "--out")
         model, tokenizer, _ = load_model(args.model)
         out = save_marian(model, tokenizer, args.out)
     except (CheckpointError, ExportError) as error:

@@ -37,6 +37,7 @@ UNK_TEXT = "\u2047"  # what SentencePiece prints for an unknown piece
 _DROPPED_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
 _META_FILE = "tokenizer.json"
 _FORMAT_VERSION = 1
+KINDS = ("bpe", "unigram", "char")
 
 
 class TokenizerError(ValueError):
@@ -110,7 +111,7 @@ class Tokenizer:
         source: SentencePieceModel | CharVocab,
         target: SentencePieceModel | CharVocab | None = None,
     ) -> None:
-        if kind not in ("bpe", "unigram", "char"):
+        if kind not in KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}")
         self.kind = kind
         self.source = source
@@ -190,9 +191,32 @@ class Tokenizer:
             raise TokenizerError(f"{meta_path}: no tokenizer here (file missing)") from error
         except (OSError, ValueError) as error:
             raise TokenizerError(f"{meta_path}: cannot read tokenizer metadata: {error}") from error
+        if not isinstance(meta, dict):
+            raise TokenizerError(
+                f"{meta_path}: malformed metadata: expected a JSON object, got {type(meta).__name__}"
+            )
+        version = meta.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise TokenizerError(
+                f"{meta_path}: format_version must be an integer, got {version!r} "
+                f"({type(version).__name__})"
+            )
+        if version > _FORMAT_VERSION:
+            raise TokenizerError(
+                f"{meta_path}: format_version {version} is newer than this code ({_FORMAT_VERSION})"
+            )
+        if meta.get("kind") not in KINDS:
+            raise TokenizerError(
+                f"{meta_path}: unknown tokenizer kind {meta.get('kind')!r} (known: {', '.join(KINDS)})"
+            )
         if meta.get("special_ids") != SPECIAL_IDS:
             raise TokenizerError(
                 f"{meta_path}: special ids {meta.get('special_ids')} != {SPECIAL_IDS}"
+            )
+        if not isinstance(meta.get("joint"), bool):
+            raise TokenizerError(
+                f"{meta_path}: malformed metadata: 'joint' must be true or false, "
+                f"got {meta.get('joint')!r}"
             )
         if not all(isinstance(meta.get(key), dict) for key in ("source", "target")):
             raise TokenizerError(f"{meta_path}: malformed metadata (no source/target entries)")
@@ -202,18 +226,41 @@ class Tokenizer:
             if meta["joint"] and side == "target":
                 models[side] = models["source"]
                 continue
-            if "chars" in entry:
-                models[side] = CharVocab(entry["chars"])
-                continue
-            path = directory / entry["model_file"]
-            try:
-                models[side] = SentencePieceModel(path.read_bytes())
-            except OSError as error:
-                raise TokenizerError(f"{path}: cannot read model: {error.strerror}") from error
-            except RuntimeError as error:
-                raise TokenizerError(f"{path}: not a SentencePiece model: {error}") from error
+            models[side] = _load_side(directory, meta_path, side, entry)
         target = None if meta["joint"] else models["target"]
         return cls(meta["kind"], models["source"], target)
+
+
+def _load_side(
+    directory: Path, meta_path: Path, side: str, entry: dict
+) -> SentencePieceModel | CharVocab:
+    """One side's model from its ``tokenizer.json`` entry; errors name the file at fault."""
+    if "chars" in entry:
+        chars = entry["chars"]
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise TokenizerError(f"{meta_path}: {side}.chars must be a list of characters")
+        try:
+            return CharVocab(chars)
+        except TokenizerError as error:
+            raise TokenizerError(f"{meta_path}: {side}: {error}") from None
+    name = entry.get("model_file")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise TokenizerError(
+            f"{meta_path}: {side}.model_file must name a file in {directory}, got {name!r}"
+        )
+    path = directory / name
+    try:
+        payload = path.read_bytes()
+    except OSError as error:
+        raise TokenizerError(f"{path}: cannot read model: {error.strerror}") from error
+    if not payload:
+        raise TokenizerError(f"{path}: empty file, not a SentencePiece model")
+    try:
+        return SentencePieceModel(payload)
+    except RuntimeError as error:
+        raise TokenizerError(f"{path}: not a SentencePiece model: {error}") from error
+    except TokenizerError as error:
+        raise TokenizerError(f"{path}: {error}") from None
 
 
 def train_tokenizer(

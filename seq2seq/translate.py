@@ -13,10 +13,22 @@ Output length limit per sentence: ``max_len = max_len_a * source_len + max_len_b
 (source_len counts EOS; max_len counts generated tokens including EOS), capped at
 ``max_positions``. ``beam_size=1`` runs :func:`seq2seq.search.greedy`, which gives the same result.
 
+``--precision auto|fp32|bf16`` (default auto) picks the autocast dtype through
+:func:`seq2seq.hardware.resolve_precision` and prints its choice and reason at start; ``--bf16`` is
+a deprecated alias for ``--precision bf16``.
+
 ``--nbest K`` writes exactly K lines per input line, ``INDEX ||| HYPOTHESIS ||| SCORE`` with a
 0-based input index and the length-normalised log-probability score; missing hypotheses (an
 empty input, or a search that found fewer than K) are written as empty with score ``-inf``
 (``0`` for an empty input).
+
+``--output FILE`` is written to a temporary file beside it and renamed over FILE only once every
+line is written: a failure or a kill never leaves a truncated FILE, and an existing FILE keeps its
+old content until the new one is complete (it is replaced, as a shell's ``>`` would). An output
+that is the input (the same file under any name: symlink, hard link) is refused before anything
+is opened for writing. Exit status: 0 done, 2 bad input or settings (one line on stderr naming
+the file, line or option), 1 when the reader of stdout went away early (``| head``): translation
+stops quietly, without a traceback.
 """
 
 from __future__ import annotations
@@ -24,16 +36,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
+from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
 from seq2seq.search import Hypothesis, TransformerDecoder, beam_search, greedy
 from seq2seq.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
@@ -64,9 +80,15 @@ def translate_lines(
     decode: DecodeConfig,
     device: str | torch.device = "cpu",
     bf16: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[str]:
-    """Yield the best translation of each line, in order (an empty line for an empty one)."""
-    for nbest in translate_nbest(model, tokenizer, lines, decode, device, bf16):
+    """Yield the best translation of each line, in order (an empty line for an empty one).
+
+    ``dtype`` is the autocast dtype (None: full precision); ``bf16=True`` is the deprecated
+    spelling of ``dtype=torch.bfloat16``.
+    """
+    for nbest in translate_nbest(model, tokenizer, lines, decode, device, bf16, dtype=dtype):
         yield nbest[0][0] if nbest else ""
 
 
@@ -79,13 +101,16 @@ def translate_nbest(
     bf16: bool = False,
     stats: TranslateStats | None = None,
     chunk_size: int = CHUNK_LINES,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[list[tuple[str, float]]]:
     """Yield, per input line, up to ``decode.nbest`` ``(text, score)`` pairs, best first.
 
     Empty or whitespace-only lines yield ``[]``. Lines are consumed ``chunk_size`` at a time.
     When any source was truncated, one warning with the count goes to stderr at the end.
+    ``dtype`` is the autocast dtype (None: full precision; ``bf16=True``: deprecated bfloat16).
     """
     stats = TranslateStats() if stats is None else stats
+    dtype = autocast_dtype(bf16, dtype)
     limit = model.config.max_positions - 1  # source pieces, leaving room for EOS
     iterator = iter(lines)
     while chunk := list(itertools.islice(iterator, chunk_size)):
@@ -96,7 +121,7 @@ def translate_nbest(
         stats.truncated += sum(len(ids) > limit for ids in sources)
         sources = [ids[:limit] + [EOS_ID] for ids in sources]
         for batch in token_batches([len(ids) for ids in sources], decode.batch_tokens):
-            hyps = _translate_halving(model, [sources[j] for j in batch], decode, device, bf16)
+            hyps = _translate_halving(model, [sources[j] for j in batch], decode, device, dtype)
             for j, nbest in zip(batch, hyps):
                 results[todo[j]] = [
                     (clean_line(tokenizer.decode_target(h.tokens)), h.score) for h in nbest
@@ -119,11 +144,11 @@ def _translate_halving(
     sources: list[list[int]],
     decode: DecodeConfig,
     device: str | torch.device,
-    bf16: bool,
+    dtype: torch.dtype | None,
 ) -> list[list[Hypothesis]]:
     """``translate_ids``, retried on halves of the batch while the device runs out of memory."""
     try:
-        return translate_ids(model, sources, decode, device, bf16)
+        return translate_ids(model, sources, decode, device, False, dtype)
     except torch.OutOfMemoryError:
         if len(sources) == 1:
             raise
@@ -135,8 +160,8 @@ def _translate_halving(
             f"{half} + {len(sources) - half}",
             file=sys.stderr,
         )
-        return _translate_halving(model, sources[:half], decode, device, bf16) + (
-            _translate_halving(model, sources[half:], decode, device, bf16)
+        return _translate_halving(model, sources[:half], decode, device, dtype) + (
+            _translate_halving(model, sources[half:], decode, device, dtype)
         )
 
 
@@ -159,19 +184,22 @@ def translate_ids(
     decode: DecodeConfig,
     device: str | torch.device = "cpu",
     bf16: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> list[list[Hypothesis]]:
     """Search one batch of source ids (each ending in EOS); per source its n-best hypotheses.
 
-    The model runs in eval mode and is put back in its previous mode afterwards.
+    The model runs in eval mode, under autocast to ``dtype`` when given (``bf16=True`` is the
+    deprecated spelling of bfloat16), and is put back in its previous mode afterwards.
     """
+    dtype = autocast_dtype(bf16, dtype)
     width = max(len(ids) for ids in sources)
     src = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for ids in sources], device=device)
     src_len = torch.tensor([len(ids) for ids in sources], device=device)
     max_len = (decode.max_len_a * src_len + decode.max_len_b).long()
     max_len = max_len.clamp(1, model.config.max_positions)
     autocast = (
-        torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-        if bf16
+        torch.autocast(torch.device(device).type, dtype=dtype)
+        if dtype is not None
         else contextlib.nullcontext()
     )
     was_training = model.training
@@ -192,6 +220,13 @@ def translate_ids(
             )
     finally:
         model.train(was_training)
+
+
+def autocast_dtype(bf16: bool, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype from the new ``dtype`` argument or the deprecated ``bf16`` flag."""
+    if bf16 and dtype not in (None, torch.bfloat16):
+        raise ValueError(f"bf16=True contradicts dtype={dtype}")
+    return torch.bfloat16 if bf16 else dtype
 
 
 def clean_line(text: str) -> str:
@@ -230,14 +265,60 @@ DECODE_FLAGS = (
 )  # fmt: skip
 
 
+# DecodeConfig field -> (flag, whether a value is allowed, what is required); checked on the
+# merged settings, so a bad value in the model's config.yaml is caught as well as a bad flag.
+DECODE_RULES = {
+    "beam_size": ("--beam", lambda v: v >= 1, "an integer >= 1"),
+    "length_penalty": ("--lenpen", math.isfinite, "a finite number"),
+    "nbest": ("--nbest", lambda v: v >= 1, "an integer >= 1"),
+    "max_len_a": ("--max-len-a", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "max_len_b": ("--max-len-b", lambda v: v >= 0, "an integer >= 0"),
+    "min_len": ("--min-len", lambda v: v >= 0, "an integer >= 0"),
+    "no_repeat_ngram_size": ("--no-repeat-ngram", lambda v: v >= 0, "an integer >= 0"),
+    "batch_tokens": ("--batch-tokens", lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def check_settings(values: dict[str, Any], rules: dict, where: str | None = None) -> None:
+    """Raise TranslateError for the first value ``rules`` reject (None values are not given).
+
+    The message names the value's flag, or ``decode.<field> in <where>`` when ``where`` (the
+    model directory) is given, for a value that came from the model's config.
+    """
+    for name, (flag, allowed, requirement) in rules.items():
+        value = values.get(name)
+        if value is not None and not allowed(value):
+            label = f"decode.{name} in {where}" if where else flag
+            raise TranslateError(f"{label} must be {requirement}, got {value}")
+
+
+def check_decode_flags(
+    overrides: dict[str, Any], load: Callable[[], tuple], model_dir: str, rules: dict
+) -> tuple:
+    """Check the flags' values, run ``load`` (``load_for_inference``), then check the settings
+    that came from the model's config; returns what ``load`` returned."""
+    check_settings(overrides, rules)
+    loaded = load()
+    decode = loaded[2].decode
+    given = {name for name, value in overrides.items() if value is not None}
+    from_config = {f: getattr(decode, f) for f in rules if f not in given}
+    check_settings(from_config, rules, model_dir)
+    return loaded
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seq2seq translate",
         description="Translate one sentence per line; defaults come from the model's config.",
+        epilog="Exit status: 0 done; 2 bad input or settings; 1 stdout closed early (| head).",
     )
     p.add_argument("--model", required=True, help="model directory (model.safetensors, ...)")
     p.add_argument("--input", help="source file (default: stdin)")
-    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument(
+        "--output",
+        help="output file (default: stdout); written beside and renamed when complete, so an "
+        "existing file is replaced only by a whole new one; the input itself is refused",
+    )
     p.add_argument("--beam", type=int, dest="beam_size", help="beam size (1 = greedy)")
     p.add_argument("--lenpen", type=float, dest="length_penalty", help="GNMT alpha (0 = off)")
     p.add_argument("--nbest", type=int, help="write K lines per input: INDEX ||| HYP ||| SCORE")
@@ -247,42 +328,80 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram", type=int, dest="no_repeat_ngram_size")
     p.add_argument("--batch-tokens", type=int, help="source tokens per batch, padding included")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--bf16", action="store_true", help="autocast the model to bfloat16")
+    add_precision_flags(p)
     p.add_argument("--replace-invalid", action="store_true", help="replace invalid UTF-8 bytes")
     return p
+
+
+def add_precision_flags(p: argparse.ArgumentParser) -> None:
+    """``--precision auto|fp32|bf16`` and its deprecated alias ``--bf16``."""
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="autocast precision (default auto: bf16 where the hardware runs it natively)",
+    )
+    p.add_argument("--bf16", action="store_true", help="deprecated: same as --precision bf16")
+
+
+def resolve_cli_device(args: argparse.Namespace) -> tuple[torch.device, PrecisionChoice, str]:
+    """``--device`` and ``--precision``/``--bf16`` resolved: (device, choice, requested name).
+
+    Raises:
+        TranslateError: an unknown or absent device, or contradicting precision flags.
+    """
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise TranslateError(f"--device: {error}") from None
+    if args.bf16 and args.precision not in (None, "bf16"):
+        raise TranslateError(f"--bf16 contradicts --precision {args.precision}")
+    requested = "bf16" if args.bf16 else (args.precision or "auto")
+    try:
+        return device, resolve_precision(requested, device), requested
+    except ValueError as error:
+        raise TranslateError(f"--precision: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        device, precision, requested = resolve_cli_device(args)
+        output = _output_path(args.input, args.output)
         overrides = {name: getattr(args, name) for name in DECODE_FLAGS}
-        model, tokenizer, config, device = load_for_inference(args.model, args.device, overrides)
+        model, tokenizer, config, _ = check_decode_flags(
+            overrides,
+            lambda: load_for_inference(args.model, str(device), overrides),
+            args.model,
+            DECODE_RULES,
+        )
         if config.model.arch != "transformer":
             raise TranslateError(f"{args.model}: a GPT model cannot translate; use seq2seq sample")
     except (CheckpointError, ConfigError, TranslateError) as error:
         print(f"seq2seq translate: error: {error}", file=sys.stderr)
         return 2
     decode = config.decode
-    print(
-        f"translate: {args.model} on {device}{' bf16' if args.bf16 else ''}: {decode}",
-        file=sys.stderr,
-    )
+    print(f"translate: {args.model} on {device}: {decode}", file=sys.stderr)
+    print(f"translate: {precision.describe(requested)}", file=sys.stderr)
 
     stats = TranslateStats()
     with contextlib.ExitStack() as stack:
         try:
             source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
-            if args.output:
-                out = stack.enter_context(open(args.output, "w", encoding="utf-8", newline="\n"))
-            else:
+            if output is None:
                 out = sys.stdout
                 if hasattr(out, "reconfigure"):  # never let the locale pick the output encoding
                     out.reconfigure(encoding="utf-8")
+            else:
+                replaced = stack.enter_context(ReplacedFile(output))
+                out = replaced.handle
         except OSError as error:
             print(f"seq2seq translate: error: {error.filename}: {error.strerror}", file=sys.stderr)
             return 2
         lines = read_utf8_lines(source, args.input or "<stdin>", args.replace_invalid)
-        results = translate_nbest(model, tokenizer, lines, decode, device, args.bf16, stats)
+        results = translate_nbest(
+            model, tokenizer, lines, decode, device, stats=stats, dtype=precision.dtype
+        )
         try:
             for index, nbest in enumerate(results):
                 if args.nbest:
@@ -291,9 +410,20 @@ def main(argv: list[str] | None = None) -> int:
                     out.write((nbest[0][0] if nbest else "") + "\n")
                 if stats.lines and index + 1 == stats.lines:
                     out.flush()
+            if output is None:
+                out.flush()
+            else:
+                replaced.commit()
         except TranslateError as error:
-            out.flush()
+            if output is None:
+                with contextlib.suppress(BrokenPipeError):
+                    out.flush()
             print(f"seq2seq translate: error: {error}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            return stdout_closed("translate")
+        except OSError as error:  # e.g. a full disk while writing --output
+            print(f"seq2seq translate: error: {output}: {error.strerror}", file=sys.stderr)
             return 2
     rate = stats.lines / stats.seconds if stats.seconds else 0.0
     token_rate = stats.generated_tokens / stats.seconds if stats.seconds else 0.0
@@ -303,6 +433,63 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _output_path(input_path: str | None, output: str | None) -> str | None:
+    """The file to replace (symlinks followed), after refusing one that is the input."""
+    if output is None:
+        return None
+    if os.path.isdir(output):
+        raise TranslateError(f"--output {output}: is a directory")
+    if input_path and os.path.exists(input_path) and os.path.exists(output):
+        if os.path.samefile(input_path, output):
+            raise TranslateError(
+                f"--output {output} is the input {input_path}: refusing to overwrite the input"
+            )
+    return os.path.realpath(output)
+
+
+class ReplacedFile:
+    """A UTF-8 text file written under a temporary name beside ``path`` and renamed over it by
+    :meth:`commit`; leaving the ``with`` block without committing removes the temporary file, so
+    ``path`` only ever holds its old content or the complete new one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        directory, name = os.path.split(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory or ".")
+        mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; an output follows the umask
+        self.handle = open(fd, "w", encoding="utf-8", newline="\n")
+        self.committed = False
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+        self.committed = True
+
+    def __enter__(self) -> ReplacedFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.committed:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+
+def stdout_closed(command: str) -> int:
+    """The reader of stdout went away: stop without a traceback (the documented exit 1)."""
+    # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    print(f"{command}: stdout closed early; stopped", file=sys.stderr)
+    return 1
 
 
 def _nbest_lines(index: int, nbest: list[tuple[str, float]], k: int) -> str:
