@@ -111,6 +111,7 @@ def cpu_class() -> str:
     return _weaker(found, _ATEN_CAP.get(aten, "amx"))
 
 
+@torch.compiler.assume_constant_result  # a fact of the machine: compiled graphs need no guard
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN runs bf16 matmuls with bf16 instructions (AVX-512-BF16 or AMX)."""
     return cpu_class() in NATIVE_BF16_CLASSES

@@ -18,7 +18,7 @@ import yaml
 from seq2seq import train as train_module
 from seq2seq.checkpoint import load_trainer_state, step_dirs
 from seq2seq.config import config_from_dict
-from seq2seq.data import prepare
+from seq2seq.prepare import prepare
 
 TINY_MODEL = dict(
     d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, max_positions=64
