@@ -130,7 +130,7 @@ def _train(config: RunConfig, info: distributed.DistInfo) -> dict[str, float]:
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    lm_mode = config.model.arch == "gpt"
+    lm_mode = config.model.arch in ("gpt", "bigram")
     generator = torch.Generator().manual_seed(tc.seed + info.rank)
     state: dict[str, Any] = {
         "step": 0,
@@ -304,7 +304,9 @@ def _check_settings(config: RunConfig, device: torch.device) -> None:
     """Settings the config cannot check alone: they depend on the device or the data format."""
     if config.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (loss scaling); use bf16 on CPU")
-    if config.model.arch == "gpt" and (config.train.eval_every == 0 or config.train.max_epochs):
+    if config.model.arch in ("gpt", "bigram") and (
+        config.train.eval_every == 0 or config.train.max_epochs
+    ):
         raise ConfigError(
             "language-model training draws random blocks and has no epochs: set "
             "train.eval_every > 0 and train.max_epochs = 0"
