@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "translate": ("seq2seq.translate", "translate text line by line with beam search"),
     "sample": ("seq2seq.sample", "generate text from a GPT model directory"),
     "evaluate": ("seq2seq.evaluate", "BLEU/chrF/TER/ROUGE with signatures, or perplexity"),
+    "attention": ("seq2seq.attention", "draw attention maps for a sentence or prompt"),
     "export": ("seq2seq.export", "export a model directory to Hugging Face MarianMTModel"),
 }
 

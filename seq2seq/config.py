@@ -40,7 +40,7 @@ class ModelConfig:
     """Network shape. Defaults are the paper's base model (Vaswani et al. 2017, Table 3)."""
 
     preset: str = ""
-    arch: str = "transformer"  # "transformer" (encoder-decoder) or "gpt" (decoder-only)
+    arch: str = "transformer"  # "transformer" (encoder-decoder), "gpt" (decoder-only) or "bigram"
     d_model: int = 512
     n_heads: int = 8
     d_ff: int = 2048
@@ -58,7 +58,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
 
     def validate(self) -> None:
-        _check_choice("model.arch", self.arch, ("transformer", "gpt"))
+        _check_choice("model.arch", self.arch, ("transformer", "gpt", "bigram"))
         _check_choice("model.activation", self.activation, ("relu", "gelu"))
         _check_choice("model.positions", self.positions, ("sinusoidal", "learned"))
         if self.d_model % self.n_heads:
@@ -265,10 +265,10 @@ class RunConfig:
         self.batch.validate()
         self.train.validate()
         self.decode.validate()
-        if self.model.arch == "gpt" and self.data.format != "lm":
-            raise ConfigError("model.arch=gpt needs data.format=lm")
+        if self.model.arch != "transformer" and self.data.format != "lm":
+            raise ConfigError(f"model.arch={self.model.arch} needs data.format=lm")
         if self.model.arch == "transformer" and self.data.format == "lm":
-            raise ConfigError("data.format=lm needs model.arch=gpt")
+            raise ConfigError("data.format=lm needs model.arch=gpt or bigram")
         if self.model.share_embeddings and not self.data.joint_vocab and self.model.arch != "gpt":
             raise ConfigError("model.share_embeddings=true needs data.joint_vocab=true")
 

@@ -255,7 +255,7 @@ def _perplexity_cli(args: argparse.Namespace) -> dict:
         model, tokenizer, config = load_model(args.model, device=device)
     except CheckpointError as error:
         raise EvaluateError(str(error)) from error
-    if config.model.arch == "gpt":
+    if config.model.arch in ("gpt", "bigram"):
         if not args.text:
             raise EvaluateError("a GPT model needs --text FILE")
         text = "\n".join(read_lines(args.text)) + "\n"

@@ -16,7 +16,7 @@ sqrt(d_model), output projection tied to the target embedding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.kernels import Dropout, attention
-from seq2seq.tokenizer import PAD_ID
+from seq2seq.search import GPTDecoder, sample
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 # --------------------------------------------------------------------------- attention (3.2)
 
@@ -53,22 +54,59 @@ class MultiHeadAttention(nn.Module):
         return key, value
 
     def attend(
-        self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        record: list[Tensor] | None = None,
     ) -> Tensor:
         """query (b, t, m) against cached key/value (b, h, s, d) -> (b, t, m).
 
-        ``mask`` broadcasts to (b, h, t, s), True = may attend.
+        ``mask`` broadcasts to (b, h, t, s), True = may attend. Given a ``record`` list, the
+        attention probabilities (b, h, t, s) are appended to it; the output is computed as always.
         """
         q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)
+        if record is not None:
+            record.append(attention_probabilities(q, key, mask, is_causal))
         dropout = self.dropout if self.training else 0.0
         attended = attention(q, key, value, mask, dropout, is_causal)
         return self.out_proj(rearrange(attended, "b h t d -> b t (h d)"))
 
     def forward(
-        self, query: Tensor, key_value: Tensor, mask: Tensor | None = None, is_causal: bool = False
+        self,
+        query: Tensor,
+        key_value: Tensor,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        record: list[Tensor] | None = None,
     ) -> Tensor:
         key, value = self.project_key_value(key_value)
-        return self.attend(query, key, value, mask, is_causal)
+        return self.attend(query, key, value, mask, is_causal, record)
+
+
+def attention_probabilities(q: Tensor, key: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(Q K^T / sqrt(d)) over keys, (b, h, t, s) in float32, exactly 0 where masked.
+
+    Computed explicitly, beside the fused kernel, only when someone asks to see the weights.
+    """
+    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), key.float()) / math.sqrt(q.shape[-1])
+    if is_causal:  # SDPA's is_causal aligns the triangle top-left, as causal_mask does
+        scores = scores.masked_fill(~causal_mask(q.shape[2], key.shape[2], q.device), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return torch.softmax(scores, dim=-1)
+
+
+@dataclass
+class AttentionRecord:
+    """Attention probabilities collected by one forward pass that is handed this record: one
+    (b, h, queries, keys) tensor per layer, in layer order, for each kind of attention."""
+
+    encoder: list[Tensor] = field(default_factory=list)
+    decoder: list[Tensor] = field(default_factory=list)  # decoder (or GPT) self-attention
+    cross: list[Tensor] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- feed-forward (3.3)
@@ -174,9 +212,12 @@ class EncoderLayer(nn.Module):
         self.self_attention_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
         self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
 
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor, record: AttentionRecord | None = None) -> Tensor:
         """x (b, s, m); key_mask (b, 1, 1, s) -> (b, s, m)."""
-        x = self.self_attention_block(x, lambda y: self.self_attention(y, y, key_mask))
+        probs = None if record is None else record.encoder
+        x = self.self_attention_block(
+            x, lambda y: self.self_attention(y, y, key_mask, record=probs)
+        )
         return self.feed_forward_block(x, self.feed_forward)
 
 
@@ -245,17 +286,20 @@ class DecoderLayer(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         cache: LayerCache | None = None,
+        record: AttentionRecord | None = None,
     ) -> Tensor:
         """x (b, n, m) new target positions; memory (b, s, m); memory_mask (b, 1, 1, s).
 
         Without a cache, x is the whole target and attention is causal. With one, x continues the
         cached prefix: its keys and values are appended and it attends to prefix and itself.
         """
+        self_probs = None if record is None else record.decoder
+        cross_probs = None if record is None else record.cross
 
         def self_attend(y: Tensor) -> Tensor:
             key, value = self.self_attention.project_key_value(y)
             if cache is None:
-                return self.self_attention.attend(y, key, value, None, is_causal=True)
+                return self.self_attention.attend(y, key, value, None, True, self_probs)
             past = 0 if cache.self_key is None else cache.self_key.shape[2]
             if cache.self_key is not None:
                 key = torch.cat([cache.self_key, key], dim=2)
@@ -264,7 +308,7 @@ class DecoderLayer(nn.Module):
             mask = None
             if y.shape[1] > 1:  # several new positions: each sees the prefix and itself
                 mask = causal_mask(y.shape[1], past + y.shape[1], y.device, offset=past)
-            return self.self_attention.attend(y, key, value, mask, is_causal=False)
+            return self.self_attention.attend(y, key, value, mask, False, self_probs)
 
         def cross_attend(y: Tensor) -> Tensor:
             if cache is not None and cache.cross_key is not None:
@@ -273,7 +317,7 @@ class DecoderLayer(nn.Module):
                 key, value = self.cross_attention.project_key_value(memory)
                 if cache is not None:
                     cache.cross_key, cache.cross_value = key, value
-            return self.cross_attention.attend(y, key, value, memory_mask, is_causal=False)
+            return self.cross_attention.attend(y, key, value, memory_mask, False, cross_probs)
 
         x = self.self_attention_block(x, self_attend)
         if self.cross_attention is not None:
@@ -340,24 +384,30 @@ class Transformer(nn.Module):
             self.output_projection = nn.Linear(c.d_model, tgt_vocab_size, bias=False)
         _init_linear_layers(self)
 
-    def encode(self, src: Tensor) -> EncoderOutput:
-        """src (b, s) token ids, right-padded with PAD_ID -> memory (b, s, m)."""
+    def encode(self, src: Tensor, record: AttentionRecord | None = None) -> EncoderOutput:
+        """src (b, s) token ids, right-padded with PAD_ID -> memory (b, s, m).
+
+        A ``record`` receives each layer's self-attention probabilities (b, h, s, s).
+        """
         memory_mask = padding_mask(src)
         x = self.source_positions(self.source_embedding(src))
         for layer in self.encoder_layers:
-            x = layer(x, memory_mask)
+            x = layer(x, memory_mask, record)
         if self.encoder_norm is not None:
             x = self.encoder_norm(x)
         return EncoderOutput(x, memory_mask)
 
-    def decode(self, tgt_in: Tensor, encoded: EncoderOutput) -> Tensor:
+    def decode(
+        self, tgt_in: Tensor, encoded: EncoderOutput, record: AttentionRecord | None = None
+    ) -> Tensor:
         """Teacher-forced decoding: tgt_in (b, t) -> logits (b, t, v).
 
         Targets are right-padded, so causal masking alone keeps real positions off the padding.
+        A ``record`` receives each layer's self- (b, h, t, t) and cross-attention (b, h, t, s).
         """
         x = self.target_positions(self.target_embedding(tgt_in))
         for layer in self.decoder_layers:
-            x = layer(x, encoded.memory, encoded.memory_mask)
+            x = layer(x, encoded.memory, encoded.memory_mask, record=record)
         return self._logits(x)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -407,11 +457,12 @@ class GPT(nn.Module):
             self.output_projection = nn.Linear(c.d_model, vocab_size, bias=False)
         _init_linear_layers(self)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens (b, t) -> next-token logits (b, t, v)."""
+    def forward(self, tokens: Tensor, record: AttentionRecord | None = None) -> Tensor:
+        """tokens (b, t) -> next-token logits (b, t, v); a ``record`` receives each layer's
+        causal self-attention probabilities (b, h, t, t)."""
         x = self.positions(self.token_embedding(tokens))
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, record=record)
         return self._logits(x)
 
     def start_decoding(self, batch_size: int, device: torch.device | str) -> DecoderState:
@@ -425,12 +476,90 @@ class GPT(nn.Module):
         state.length += tokens.shape[1]
         return self._logits(x)
 
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Continue each prompt by ``max_new_tokens`` sampled tokens, with the KV cache.
+
+        Sampling is :func:`seq2seq.search.sample`: log-probabilities divided by ``temperature``
+        (0 = greedy argmax), then top-k and nucleus (top-p) filters; PAD, BOS and EOS are never
+        drawn. The context never exceeds ``max_positions``: a longer prompt is cropped to its
+        last ``max_positions`` tokens, and when the context fills up, decoding restarts (a fresh
+        cache) from the last ``max_positions // 2`` tokens, so any length can be generated (the
+        same windowing as ``seq2seq sample``).
+
+        Args:
+            tokens: prompt ids (b, p) or (p,), p >= 1.
+            max_new_tokens: tokens to add to each row.
+            temperature: softmax temperature, >= 0.
+            top_k: keep the k most probable tokens (0 = all).
+            top_p: keep the smallest set of most probable tokens with mass >= top_p (1 = all).
+            seed: seeds a private generator (the same seed gives the same tokens); None draws
+                from torch's global generator.
+
+        Returns:
+            (b, p + max_new_tokens) (or (p + max_new_tokens,)): the prompt followed by the new
+            tokens. The module's train/eval mode is left as it was.
+
+        Raises:
+            ValueError: an empty prompt, a negative length or temperature.
+        """
+        prompt = tokens if tokens.dim() == 2 else tokens[None]
+        if prompt.size(1) == 0 or max_new_tokens < 0 or temperature < 0:
+            raise ValueError(
+                "generate needs a non-empty prompt, max_new_tokens >= 0, temperature >= 0"
+            )
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=prompt.device).manual_seed(seed)
+        limit = self.config.max_positions
+        out, start = prompt, max(0, prompt.size(1) - limit)
+        was_training = self.training
+        self.eval()
+        try:
+            while out.size(1) - prompt.size(1) < max_new_tokens:
+                if out.size(1) - start > limit:
+                    start = out.size(1) - limit // 2
+                window = out[:, start:]
+                # The window's last token plus n - 1 sampled ones are fed: len(window) - 1 + n <= limit.
+                n = min(max_new_tokens - (out.size(1) - prompt.size(1)), limit - window.size(1) + 1)
+                new = sample(
+                    GPTDecoder(self, window), window[:, -1], n, temperature, top_k, top_p,
+                    generator, blocked_ids=(PAD_ID, BOS_ID, EOS_ID),
+                )  # fmt: skip
+                out = torch.cat([out, torch.tensor(new, dtype=out.dtype, device=out.device)], 1)
+        finally:
+            self.train(was_training)
+        return out if tokens.dim() == 2 else out[0]
+
     def _logits(self, x: Tensor) -> Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.output_projection is not None:
             return self.output_projection(x)
         return F.linear(x, self.token_embedding.weight)
+
+
+class Bigram(nn.Module):
+    """The baseline of "let's build GPT": next-token logits read from a (v, v) table row of the
+    previous token alone, no context beyond it. Trained to convergence, its loss is the text's
+    conditional entropy H(x_t+1 | x_t); starts uniform (all logits 0)."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.next_token_logits = nn.Parameter(torch.zeros(vocab_size, vocab_size))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (b, t) -> next-token logits (b, t, v)."""
+        return F.embedding(tokens, self.next_token_logits)
 
 
 def _init_linear_layers(model: nn.Module) -> None:
@@ -442,10 +571,14 @@ def _init_linear_layers(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Transformer | GPT:
-    """The model ``config.arch`` names; GPT uses ``tgt_vocab_size``."""
+def build_model(
+    config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int
+) -> Transformer | GPT | Bigram:
+    """The model ``config.arch`` names; GPT and Bigram use ``tgt_vocab_size``."""
     if config.arch == "gpt":
         return GPT(config, tgt_vocab_size)
+    if config.arch == "bigram":
+        return Bigram(config, tgt_vocab_size)
     return Transformer(config, src_vocab_size, tgt_vocab_size)
 
 

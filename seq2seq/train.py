@@ -286,7 +286,7 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     run = build_run(config, info, *vocab_sizes, resume, precision)
     run.log(f"model: {count_parameters(run.model):,} parameters on {device} x{info.world_size}")
     run.tokenizer = tokenizer
-    corpus = LMCorpus if config.model.arch == "gpt" else TokenizedCorpus
+    corpus = LMCorpus if config.model.arch in ("gpt", "bigram") else TokenizedCorpus
     run.train_corpus = corpus(prepared, config.data.train_split)
     run.valid_corpus = corpus(prepared, config.data.valid_split)
     return run
@@ -550,7 +550,7 @@ def _check_settings(config: RunConfig, device: torch.device) -> None:
     model = config.model
     lengths = (
         [("batch", "block_size")]
-        if model.arch == "gpt"
+        if model.arch in ("gpt", "bigram")
         else [("data", "max_source_len"), ("data", "max_target_len")]
     )
     for section, name in lengths:  # source: pieces + EOS; decoder input: BOS + pieces (LM block)
@@ -561,7 +561,9 @@ def _check_settings(config: RunConfig, device: torch.device) -> None:
                 f"({value}, BOS/EOS included): the longest examples would not fit; raise "
                 f"model.max_positions or lower {section}.{name}"
             )
-    if config.model.arch == "gpt" and (config.train.eval_every == 0 or config.train.max_epochs):
+    if config.model.arch in ("gpt", "bigram") and (
+        config.train.eval_every == 0 or config.train.max_epochs
+    ):
         raise ConfigError(
             "language-model training draws random blocks and has no epochs: set "
             "train.eval_every > 0 and train.max_epochs = 0"

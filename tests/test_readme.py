@@ -24,7 +24,7 @@ CI = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 def code_blocks(text: str) -> list[str]:
-    return re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```(?:\w+)?\n(.*?)```", text, flags=re.S)
 
 
 def section(text: str, title: str) -> str:

@@ -341,9 +341,15 @@ def test_shakespeare_gpt_recipe(shared_data, tmp_path):
     env.update(OVERRIDES=GPT_OVERRIDES, PROMPT="JULIET:")
     result = run_bash(RECIPES / "shakespeare_gpt.sh", env, 600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"\| valid \| valid_loss ([\d.]+)", result.stdout)]
+    gpt_stages = result.stdout.split("=== stage 6")[0]  # stages 6-9: the bigram baseline
+    losses = [float(x) for x in re.findall(r"\| valid \| valid_loss ([\d.]+)", gpt_stages)]
     assert len(losses) == 2 and losses[-1] < losses[0]
     perplexity = json.loads((out / "scores.json").read_text())["perplexity"]
+    table = {line.split()[0]: float(line.split()[-2]) for line in
+             (out / "compare.txt").read_text().splitlines()[1:]}  # fmt: skip
+    assert table["gpt"] == pytest.approx(np.log(perplexity["perplexity"]), abs=1e-3)
+    # A converged character bigram of tiny Shakespeare: ~2.45-2.5 nats; unigram ~3.3, ln 65 = 4.17.
+    assert 2.4 < table["bigram"] < 2.6 < table["unigram"] < table["uniform"]
     assert perplexity["perplexity"] < GPT_PERPLEXITY_CEILING
     assert abs(np.log(perplexity["perplexity"]) - losses[-1]) < 0.1  # the same held-out text
     sample = (out / "sample.txt").read_text()
