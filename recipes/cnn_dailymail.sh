@@ -11,7 +11,7 @@
 #                and highlights (the hub's layout) [$SEQ2SEQ_DATA/cnn_dailymail if it exists]
 #   OUT          run directory [runs/cnn_dailymail]
 #   NGPU         processes (GPUs) [every visible GPU]
-#   PRECISION    bf16 or fp16 [bf16]
+#   PRECISION    auto, bf16, fp16 or fp32 [auto: bf16 where native, fp16 on GPUs without it]
 #   AVERAGE      newest checkpoints to average (all if fewer were saved) [5]
 #   TEST_LINES, OVERRIDES, STAGE, PYTHON   as in recipes/multi30k.sh
 #
@@ -28,7 +28,7 @@ if ((NGPU < 1)); then
     echo "cnn_dailymail: no GPU visible; running one CPU process (set NGPU to override)" >&2
     NGPU=1
 fi
-PRECISION="${PRECISION:-bf16}"
+PRECISION="${PRECISION:-auto}"
 AVERAGE="${AVERAGE:-5}"
 TEST_LINES="${TEST_LINES:-0}"
 read -r -a EXTRA <<< "${OVERRIDES:-}"
@@ -49,7 +49,7 @@ run_stage 1 train \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m seq2seq.train \
     "$CONFIG" "${SETTINGS[@]}" train.precision="$PRECISION" "${EXTRA[@]}"
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
+    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split test \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Multi30k task 1 (Elliott et al. 2016) on CPU: German -> English by default, SRC=en TGT=de flips
 # it. A small Transformer (recipes/configs/multi30k.yaml) trains under a wall-clock budget with
-# bf16 autocast, the last checkpoints are averaged, test2016 (Flickr) is translated with beam
-# search and scored with sacreBLEU, cased and lower-cased.
+# precision auto (bf16 where the CPU computes it natively, else fp32), the last checkpoints are
+# averaged, test2016 (Flickr) is translated with beam search and scored with sacreBLEU, cased and
+# lower-cased.
 #
 #   DATA=../shared/data/multi30k bash recipes/multi30k.sh      # a local folder
 #   bash recipes/multi30k.sh                                   # the hub: bentrevett/multi30k
@@ -56,7 +57,7 @@ run_stage 0 prepare \
 run_stage 1 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
+    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split "$TEST_SPLIT" \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"

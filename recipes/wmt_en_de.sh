@@ -20,7 +20,7 @@
 #                the script on every node; each prepares the data into its own OUT (with a
 #                shared OUT, start the others once node 0 has finished stage 0); only node 0
 #                goes on after training
-#   PRECISION    bf16 or fp16 [bf16]
+#   PRECISION    auto, bf16, fp16 or fp32 [auto: bf16 where native, fp16 on GPUs without it]
 #   TOKENS_PER_UPDATE  source (and target) tokens per update, padding included [25000]
 #   GPU_TOKENS   most tokens in one GPU batch [8192]; update_freq makes up the rest
 #   AVERAGE      newest checkpoints to average (all if fewer were saved) [5, big: 20]
@@ -51,7 +51,7 @@ if ((NGPU < 1)); then
     NGPU=1
 fi
 NNODES="${NNODES:-1}"
-PRECISION="${PRECISION:-bf16}"
+PRECISION="${PRECISION:-auto}"
 TOKENS_PER_UPDATE="${TOKENS_PER_UPDATE:-25000}"
 GPU_TOKENS="${GPU_TOKENS:-8192}"
 TEST_LINES="${TEST_LINES:-0}"
@@ -97,7 +97,7 @@ if ((NNODES > 1 && NODE_RANK > 0)); then
     exit 0
 fi
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --out "$OUT/model" --last "$AVERAGE" "$OUT"
+    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split "$TEST_SPLIT" \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"
