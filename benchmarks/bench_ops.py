@@ -6,8 +6,9 @@
 Groups (shapes are those of a transformer_small step on a 4,096-token Multi30k batch):
   - ``dropout``: how the keep-mask is drawn: ``torch.rand >= p`` (ours before), the Bernoulli
     sampler of ``nn.Dropout``, and 16-bit random integers (four masks per 64-bit draw; ours now);
-  - ``attention``: SDPA with the math backend (ours for CPU training), SDPA flash, and explicit
-    matmul-softmax-matmul, on Multi30k and nanoGPT shapes;
+  - ``attention``: SDPA with the math backend, SDPA flash, and explicit matmul-softmax-matmul, on
+    Multi30k and nanoGPT shapes, with the kernel ``seq2seq.kernels.attention`` picks for training
+    on this CPU class (explicit under native bf16, math under emulated bf16, flash in fp32);
   - ``loss``: ``seq2seq.loss.label_smoothed_nll`` (hand-written backward, one float32 buffer for
     logits, softmax and gradient, no row selection) against the autograd formulation it replaced;
   - ``adam``: ``torch.optim.AdamW`` per-tensor (the CPU default), ``foreach`` and ``fused``.
@@ -30,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
+from seq2seq import hardware, kernels  # noqa: E402
 from seq2seq.config import PRESETS, ModelConfig, load_config  # noqa: E402
 from seq2seq.loss import label_smoothed_nll  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
@@ -82,7 +84,7 @@ def bench_dropout() -> None:
     variants = {
         "torch.rand >= p (ours before)": lambda: torch.rand(shape) >= p,
         "bernoulli_ (nn.Dropout)": lambda: torch.empty(shape).bernoulli_(1 - p),
-        "16-bit random integers (seq2seq.model.Dropout)": lambda: (
+        "16-bit random integers (seq2seq.kernels.Dropout)": lambda: (
             torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
             .view(torch.int16)[:n]
             .view(shape)
@@ -96,8 +98,9 @@ def bench_dropout() -> None:
 
 def bench_attention() -> None:
     print("\n### attention forward + backward\n")
-    print("| shape (b, h, t, d) | causal | precision | SDPA math | SDPA flash | explicit |")
-    print("|---|---|---|---|---|---|")
+    print(f"CPU class {hardware.cpu_class()}\n")
+    print("| shape (b, h, t, d) | causal | precision | SDPA math | SDPA flash | explicit | ours |")
+    print("|---|---|---|---|---|---|---|")
     for shape, causal in (
         ((195, 4, 20, 64), False),
         ((195, 4, 20, 64), True),
@@ -119,7 +122,12 @@ def bench_attention() -> None:
                     out.float().sum().backward()
 
                 cells.append(f"{timed(run, 10):.2f}")
-            print(f"| {shape} | {causal} | {precision} | " + " | ".join(cells) + " |")
+            with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                q = inputs[0].requires_grad_()
+                picked = kernels.attention_kernel(q, shape[2])
+                inputs[0] = q.detach()
+            picked = {"sdpa": "flash (PyTorch's pick)"}.get(picked, picked)
+            print(f"| {shape} | {causal} | {precision} | " + " | ".join(cells) + f" | {picked} |")
 
 
 def bench_loss() -> None:
@@ -182,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads {args.threads}, load {harness.load_average():.2f}")
+    print(
+        f"threads {args.threads}, load {harness.load_average():.2f}, CPU class {hardware.cpu_class()}"
+    )
     for name in args.only.split(","):
         GROUPS[name]()
     print(f"\nload average at the end: {harness.load_average():.2f}")

@@ -1,6 +1,6 @@
 """Training throughput: our Transformer against Hugging Face ``MarianMTModel``, same batches.
 
-    python benchmarks/bench_train.py                       # transformer_small + base, fp32 + bf16
+    python benchmarks/bench_train.py                       # transformer_small + base, fp32 + auto
     python benchmarks/bench_train.py --configs transformer_small --precisions bf16 --steps 20
     python benchmarks/bench_train.py --profile --configs transformer_small --precisions bf16
 
@@ -53,6 +53,7 @@ from seq2seq import distributed, train  # noqa: E402
 from seq2seq.config import ModelConfig, load_config  # noqa: E402
 from seq2seq.data import Batch, TokenizedCorpus, batch_indices, collate  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
+from seq2seq.hardware import resolve_precision  # noqa: E402
 from seq2seq.loss import label_smoothed_nll  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
 from seq2seq.optim import build_scheduler  # noqa: E402
@@ -60,7 +61,7 @@ from seq2seq.prepare import prepare  # noqa: E402
 from seq2seq.tokenizer import PAD_ID, Tokenizer  # noqa: E402
 
 CONFIGS = ("transformer_small", "transformer_base")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "auto")
 IMPLS = ("ours", "hf")
 
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="shared data folder (default: $SEQ2SEQ_DATA)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated presets")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32,bf16")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32,bf16,auto")
     parser.add_argument("--impls", default=",".join(IMPLS), help="ours,hf")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
@@ -255,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impls.split(",")
     rows, raw = [], []
     for name in args.configs.split(","):
-        for precision in args.precisions.split(","):
+        for requested in args.precisions.split(","):
+            # "auto" runs what the library resolves on this CPU (bf16 only where it is native);
+            # HF gets the same precision, so the ratio compares like with like.
+            precision = resolve_precision(requested, "cpu").precision
+            label = f"auto -> {precision}" if requested == "auto" else precision
             best: dict[str, dict[str, Any]] = {}
             for repeat in range(args.repeats):
                 order = impls if repeat % 2 == 0 else impls[::-1]  # alternate who goes first
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     result["mfu"] = result["flop_s"] / peaks[precision]
                     print(
-                        f"{impl:>4} {name} {precision}: {result['tgt_tok_s']:,.0f} tgt tok/s, "
+                        f"{impl:>4} {name} {label}: {result['tgt_tok_s']:,.0f} tgt tok/s, "
                         f"{result['src_tok_s']:,.0f} src tok/s, MFU {100 * result['mfu']:.1f}%, "
                         f"max RSS {result['max_rss_mib']:,.0f} MiB, load {result['load']}",
                         flush=True,
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         best[impl] = result
             if args.profile or set(best) != set(impls):
                 continue
-            row = {"config": name, "precision": precision}
+            row = {"config": name, "precision": label}
             for impl in impls:
                 r = best[impl]
                 row[f"{impl}_tgt"], row[f"{impl}_src"] = r["tgt_tok_s"], r["src_tok_s"]
