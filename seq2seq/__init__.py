@@ -24,6 +24,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 # public name -> the module that defines it; the same names as __all__ (tests/test_package.py)
 _MODULE_OF = {
+    "LanguageModel": "seq2seq.api",
+    "Translator": "seq2seq.api",
     "CheckpointError": "seq2seq.checkpoint",
     "average_checkpoints": "seq2seq.checkpoint",
     "load_model": "seq2seq.checkpoint",
@@ -63,12 +65,14 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DecodeConfig",
+    "LanguageModel",
     "ModelConfig",
     "RunConfig",
     "TokenizedCorpus",
     "Tokenizer",
     "TrainConfig",
     "Transformer",
+    "Translator",
     "average_checkpoints",
     "batch_indices",
     "beam_search",
