@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("seq2seq.sample", "generate text from a GPT model directory"),
     "evaluate": ("seq2seq.evaluate", "BLEU/chrF/TER/ROUGE with signatures, or perplexity"),
     "export": ("seq2seq.export", "export a model directory to Hugging Face MarianMTModel"),
+    "serve": ("seq2seq.serve", "serve model directories over HTTP, with a page at /"),
 }
 
 
