@@ -23,14 +23,12 @@ from 0 in ``--model`` order. Endpoints (errors are ``{"error": "one line"}`` wit
 Dynamic batching: every translation model has one worker thread and a queue. The worker takes the
 first waiting request, then keeps taking requests until ``max_wait_ms`` has passed or their
 sources reach ``max_batch_tokens``, and decodes all of them (grouped by beam and n-best) in one
-:meth:`Translator.translate_nbest` call, which sorts them by length into token-budget batches.
-Requests that arrive while a batch decodes wait in the queue and form the next batch, so the
-batch grows with the load. Each caller's future gets its own sentences' results.
+:meth:`Translator.translate_nbest` call (length-sorted token-budget batches). Requests arriving
+meanwhile form the next batch, so batches grow with the load; each future gets its own results.
 
-Limits (see :class:`ServeLimits`): request body bytes (413), sentences per request (413), a
-sentence longer than the model accepts (422), beam and n-best range, tokens to generate, prompt
-length (422), malformed JSON (400), wrong types or unknown keys (422), unknown model (404), the
-wrong kind of model for the endpoint (400).
+Limits (:class:`ServeLimits`): body bytes and sentences per request (413), a sentence longer
+than the model accepts, out-of-range settings, wrong types, unknown keys (422), malformed JSON
+or the wrong kind of model (400), unknown model (404).
 """
 
 import argparse
@@ -115,9 +113,6 @@ class Batcher:
         if self._thread is not None:
             self._thread.join()
 
-    def submit(self, job: _Job) -> None:
-        self._queue.put(job)
-
     async def translate(
         self, sentences: list[str], tokens: int, beam: int, nbest: int
     ) -> list[list[tuple[str, float]]]:
@@ -136,7 +131,7 @@ class Batcher:
         def done(result: Any, error: BaseException | None) -> None:
             loop.call_soon_threadsafe(settle, future, result, error)
 
-        self.submit(_Job(sentences, tokens, beam, nbest, done))
+        self._queue.put(_Job(sentences, tokens, beam, nbest, done))
         return await future
 
     def counters(self) -> dict[str, int]:
@@ -165,12 +160,11 @@ class Batcher:
                 jobs.append(job)
                 tokens += job.tokens
             self._decode(jobs)
-            if stopping:
-                carry = None
-                while not self._queue.empty():  # requests queued behind the stop still get answers
-                    job = self._queue.get()
-                    if job is not None:
-                        self._decode([job])
+            if stopping:  # requests queued behind the stop still get answers
+                rest = []
+                while not self._queue.empty():
+                    rest.append(self._queue.get())
+                self._decode([job for job in rest if job is not None])
                 return
 
     def _decode(self, jobs: list[_Job]) -> None:
@@ -444,10 +438,9 @@ def create_app(models: Sequence[Translator | LanguageModel], limits: ServeLimits
         _in_range("max_new_tokens", max_new, 0, limits.max_new_tokens)
         temperature = body.get("temperature")
         top_k, top_p = body.get("top_k"), body.get("top_p")
-        if temperature is not None:
-            _in_range("temperature", temperature, 0.0, 100.0)
-        if top_k is not None:
-            _in_range("top_k", top_k, 0, 1 << 31)
+        for key, value, high in (("temperature", temperature, 100.0), ("top_k", top_k, 1 << 31)):
+            if value is not None:
+                _in_range(key, value, 0, high)
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise RequestError(422, f"top_p: {top_p} is outside (0, 1]")
         text = await asyncio.to_thread(
