@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from seq2seq.api import LanguageModel, Translator
     from seq2seq.checkpoint import CheckpointError, average_checkpoints, load_model, save_checkpoint
     from seq2seq.config import (
         PRESETS,
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 # public name -> the module that defines it; the same names as __all__ (tests/test_package.py)
 _MODULE_OF = {
+    "LanguageModel": "seq2seq.api",
+    "Translator": "seq2seq.api",
     "CheckpointError": "seq2seq.checkpoint",
     "average_checkpoints": "seq2seq.checkpoint",
     "load_model": "seq2seq.checkpoint",
@@ -76,12 +79,14 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DecodeConfig",
+    "LanguageModel",
     "ModelConfig",
     "RunConfig",
     "TokenizedCorpus",
     "Tokenizer",
     "TrainConfig",
     "Transformer",
+    "Translator",
     "average_checkpoints",
     "batch_indices",
     "beam_search",

@@ -38,6 +38,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("seq2seq.evaluate", "BLEU/chrF/TER/ROUGE with signatures, or perplexity"),
     "attention": ("seq2seq.attention", "draw attention maps for a sentence or prompt"),
     "export": ("seq2seq.export", "export a model directory to Hugging Face MarianMTModel"),
+    "serve": ("seq2seq.serve", "serve model directories over HTTP, with a page at /"),
 }
 
 

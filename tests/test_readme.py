@@ -50,7 +50,9 @@ def test_quick_start_is_two_commands_and_the_test_command_is_what_ci_runs():
 def mentioned_commands() -> tuple[set[str], set[str]]:
     """``seq2seq SUB`` subcommands and ``python -m seq2seq.MODULE`` modules named in code."""
     code = "\n".join(code_blocks(README)) + "\n" + "\n".join(re.findall(r"`([^`\n]+)`", README))
-    subcommands = set(re.findall(r"(?:^|[\s|(])seq2seq ([a-z]\w*)", code, flags=re.M))
+    subcommands = set(
+        re.findall(r"(?<!from)(?<!import)(?:^|[\s|(])seq2seq ([a-z]\w*)", code, flags=re.M)
+    )
     modules = set(re.findall(r"-m seq2seq\.([a-z]\w*)", code))
     return subcommands, modules
 
@@ -115,3 +117,23 @@ def test_quick_start_runs_offline_on_a_tiny_budget(tmp_path):
 # The generated corpus is easy: a d_model 128 model measured BLEU 99.7 after 100 updates (2 busy
 # cores, 3 min 40 s); an untrained model scores ~0.
 QUICKSTART_TOY_BLEU_FLOOR = 30.0
+
+
+def test_python_api_example_runs_on_a_model_directory(tmp_path):
+    """The README's Python API block, run as written on a small model directory."""
+    from test_api import tiny_translation_dir
+
+    blocks = re.findall(r"```python\n(.*?)```", section(README, "Python API"), flags=re.S)
+    assert len(blocks) == 1
+    model_dir = tiny_translation_dir(tmp_path / "model")
+    code = blocks[0].replace('"runs/m30k/model"', repr(str(model_dir)))
+    assert code != blocks[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    translations = namespace["translations"]
+    assert isinstance(translations, list) and len(translations) == 2
+    assert all(isinstance(text, str) for text in translations)
+    assert translations == namespace["translator"].translate(
+        ["Ein Hund läuft.", "Zwei Männer."], beam=5
+    )
+    assert len(namespace["nbest"][0]) == 3 and len(namespace["log_probs"]) == 1
