@@ -7,9 +7,11 @@ stay close to float32's.
 
 Settings matched between the engines: no length penalty (our ``length_penalty`` is GNMT's
 ``((5 + len) / 6) ** alpha``, CTranslate2's divides by ``len ** alpha``: the two agree only at
-alpha 0), a fixed output limit (our ``max_len_a * src + b`` is per sentence, CTranslate2's
-``max_decoding_length`` one number per batch; both count the EOS step), and min_len 1 (ours
-never ends on the first step; neither does CTranslate2 ever return an empty hypothesis here).
+alpha 0), and a fixed output limit: our ``max_len_a * src + b`` is per sentence and counts the
+EOS step (a hypothesis cut at the limit ends in a forced EOS), CTranslate2's
+``max_decoding_length`` is one number per batch and counts pieces only, so ours ``N`` is theirs
+``N - 1``. At the limit beam rankings may still differ (ours adds the forced EOS's log-prob,
+CTranslate2 ranks the cut hypotheses as they are); the trained model ends its sentences first.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ pytest.importorskip("transformers", reason="the CTranslate2 export goes through 
 DATA = Path(os.environ.get("SEQ2SEQ_DATA", "data")) / "multi30k"
 TRAIN_PAIRS = 6000
 TEST_SENTENCES = 300
-MAX_LEN = 40  # generated tokens, EOS included: the same limit for both engines
+MAX_LEN = 40  # our limit: generated tokens, EOS included (CTranslate2's excludes EOS)
 MODEL = dict(
     d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0
 )  # fmt: skip
@@ -106,7 +108,11 @@ def theirs(model_dir: Path, lines: list[str], beam: int) -> list[str]:
     translator = ctranslate2.Translator(str(model_dir), device="cpu", intra_threads=2)
     tokens = [source.encode(line, out_type=str) + ["</s>"] for line in lines]
     results = translator.translate_batch(
-        tokens, beam_size=beam, length_penalty=0.0, max_decoding_length=MAX_LEN, max_batch_size=64
+        tokens,
+        beam_size=beam,
+        length_penalty=0.0,
+        max_decoding_length=MAX_LEN - 1,
+        max_batch_size=64,
     )
     return [target.decode(result.hypotheses[0]) for result in results]
 
@@ -129,6 +135,9 @@ def test_ctranslate2_float32_output_equals_ours(trained, exported, beam):
     actual = theirs(exported / "float32", test_de, beam)
     same = sum(a == b for a, b in zip(actual, expected))
     print(f"beam {beam}: {same}/{len(expected)} outputs equal")
+    pieces = [len(tokenizer.encode_target(line)) for line in expected]
+    # Re-encoded lengths (close to the generated ones): no sentence neared the limit (module doc).
+    assert max(pieces) < MAX_LEN - 1
     assert len(set(expected)) > 20  # a trained model, not one repeated output
     assert actual == expected
 
@@ -171,3 +180,22 @@ def test_character_vocabularies_are_refused_with_a_reason(tmp_path):
     with pytest.raises(ExportError, match="SentencePiece"):
         save_ctranslate2(model, tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_separate_vocabularies_keep_their_own_target_pieces(tmp_path):
+    # CTranslate2's stock Marian loader uses the source vocabulary on both sides; ours must not.
+    if not (DATA / "train.de.gz").is_file():
+        pytest.skip(f"Multi30k not found under {DATA} (set SEQ2SEQ_DATA)")
+    de, en = read_lines("train.de.gz", 2000), read_lines("train.en.gz", 2000)
+    data = DataConfig(vocab_size=400, joint_vocab=False)
+    tokenizer = train_tokenizer(data, de, en, tmp_path / "tok")
+    torch.manual_seed(3)
+    config = ModelConfig(**MODEL, share_embeddings=False)
+    model = Transformer(config, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    save_ctranslate2(model, tokenizer, tmp_path / "ct2")
+    lines = read_lines("test_2016_flickr.de.gz", 40)
+    # Greedy only: an untrained model runs every sentence to the length limit, where beam
+    # rankings differ by design (ours scores the forced EOS, CTranslate2 stops before it).
+    expected = ours(model, tokenizer, lines, 1)
+    assert len(set(expected)) > 10
+    assert theirs(tmp_path / "ct2", lines, 1) == expected
