@@ -364,7 +364,8 @@ def save_ctranslate2(
             "    tokens = [sp.encode(line, out_type=str) + ['</s>'] for line in lines]",
             "",
             "Our search has no length penalty at `length_penalty=0`; with `--lenpen A` ours",
-            "divides by ((5 + length) / 6) ** A, CTranslate2 by length ** A.",
+            "divides by ((5 + length) / 6) ** A, CTranslate2 by length ** A. Our length limit",
+            "counts the final `</s>`, CTranslate2's `max_decoding_length` does not (ours N = N - 1).",
         ]
         (tmp / "TOKENIZER.md").write_text("\n".join(note) + "\n", encoding="utf-8")
 
