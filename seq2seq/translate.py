@@ -9,6 +9,11 @@ line without touching the model. A source longer than the model's ``max_position
 included) is truncated, with one warning at the end giving the count. Line breaks inside an
 output (``\\n``, ``\\r`` and the other characters ``str.splitlines`` breaks on) become spaces.
 
+Input from stdin (a terminal or a pipe: a person typing, or a program in a dialogue) is
+translated one line at a time, each answer written and flushed as soon as its line arrives;
+``--input FILE`` is read in chunks of ``CHUNK_LINES`` lines, sorted by length into full batches,
+so translate a large corpus with ``--input`` for throughput.
+
 Output length limit per sentence: ``max_len = max_len_a * source_len + max_len_b`` tokens
 (source_len counts EOS; max_len counts generated tokens including EOS), capped at
 ``max_positions``. ``beam_size=1`` runs :func:`seq2seq.search.greedy`, which gives the same result.
@@ -399,9 +404,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seq2seq translate: error: {error.filename}: {error.strerror}", file=sys.stderr)
             return 2
         lines = read_utf8_lines(source, args.input or "<stdin>", args.replace_invalid)
+        # stdin may be a person or a program waiting for each answer: one line per chunk.
+        chunk_size = CHUNK_LINES if args.input else 1
         results = translate_nbest(
-            model, tokenizer, lines, decode, device, stats=stats, dtype=precision.dtype
-        )
+            model, tokenizer, lines, decode, device, stats=stats, chunk_size=chunk_size,
+            dtype=precision.dtype,
+        )  # fmt: skip
         try:
             for index, nbest in enumerate(results):
                 if args.nbest:
