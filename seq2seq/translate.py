@@ -27,6 +27,13 @@ a deprecated alias for ``--precision bf16``.
 empty input, or a search that found fewer than K) are written as empty with score ``-inf``
 (``0`` for an empty input).
 
+``--sample`` draws each translation instead of searching for the best one (back-translation
+wants varied sources): ``--temperature`` divides the log-probabilities, then ``--top-k`` and
+``--top-p`` (nucleus) filter them, through :func:`seq2seq.search.sample` with the sampling code
+``seq2seq sample`` uses; ``min_len``, ``no_repeat_ngram_size`` and the length limit apply as in
+greedy search, so ``--top-k 1`` or ``--temperature 0`` is greedy. ``--seed S`` makes the draws
+repeatable (same input, model, settings and device: same output); without it they differ per run.
+
 ``--output FILE`` is written to a temporary file beside it and renamed over FILE only once every
 line is written: a failure or a kill never leaves a truncated FILE, and an existing FILE keeps its
 old content until the new one is complete (it is replaced, as a shell's ``>`` would). An output
@@ -55,8 +62,17 @@ import torch
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
 from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
-from seq2seq.search import Hypothesis, TransformerDecoder, beam_search, greedy
-from seq2seq.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from seq2seq.search import (
+    NEG_INF,
+    Hypothesis,
+    IncrementalDecoder,
+    TransformerDecoder,
+    beam_search,
+    block_tokens,
+    greedy,
+    sample,
+)
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 CHUNK_LINES = 10_000
 # Everything str.splitlines() treats as a line boundary, mapped to a space.
@@ -107,12 +123,14 @@ def translate_nbest(
     stats: TranslateStats | None = None,
     chunk_size: int = CHUNK_LINES,
     dtype: torch.dtype | None = None,
+    sampler: torch.Generator | None = None,
 ) -> Iterator[list[tuple[str, float]]]:
     """Yield, per input line, up to ``decode.nbest`` ``(text, score)`` pairs, best first.
 
     Empty or whitespace-only lines yield ``[]``. Lines are consumed ``chunk_size`` at a time.
     When any source was truncated, one warning with the count goes to stderr at the end.
     ``dtype`` is the autocast dtype (None: full precision; ``bf16=True``: deprecated bfloat16).
+    With a ``sampler``, each line gets one translation drawn with it (see :func:`translate_ids`).
     """
     stats = TranslateStats() if stats is None else stats
     dtype = autocast_dtype(bf16, dtype)
@@ -126,7 +144,8 @@ def translate_nbest(
         stats.truncated += sum(len(ids) > limit for ids in sources)
         sources = [ids[:limit] + [EOS_ID] for ids in sources]
         for batch in token_batches([len(ids) for ids in sources], decode.batch_tokens):
-            hyps = _translate_halving(model, [sources[j] for j in batch], decode, device, dtype)
+            batch_sources = [sources[j] for j in batch]
+            hyps = _translate_halving(model, batch_sources, decode, device, dtype, sampler)
             for j, nbest in zip(batch, hyps):
                 results[todo[j]] = [
                     (clean_line(tokenizer.decode_target(h.tokens)), h.score) for h in nbest
@@ -150,10 +169,11 @@ def _translate_halving(
     decode: DecodeConfig,
     device: str | torch.device,
     dtype: torch.dtype | None,
+    sampler: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
     """``translate_ids``, retried on halves of the batch while the device runs out of memory."""
     try:
-        return translate_ids(model, sources, decode, device, False, dtype)
+        return translate_ids(model, sources, decode, device, False, dtype, sampler)
     except torch.OutOfMemoryError:
         if len(sources) == 1:
             raise
@@ -165,8 +185,8 @@ def _translate_halving(
             f"{half} + {len(sources) - half}",
             file=sys.stderr,
         )
-        return _translate_halving(model, sources[:half], decode, device, dtype) + (
-            _translate_halving(model, sources[half:], decode, device, dtype)
+        return _translate_halving(model, sources[:half], decode, device, dtype, sampler) + (
+            _translate_halving(model, sources[half:], decode, device, dtype, sampler)
         )
 
 
@@ -190,11 +210,16 @@ def translate_ids(
     device: str | torch.device = "cpu",
     bf16: bool = False,
     dtype: torch.dtype | None = None,
+    sampler: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
     """Search one batch of source ids (each ending in EOS); per source its n-best hypotheses.
 
     The model runs in eval mode, under autocast to ``dtype`` when given (``bf16=True`` is the
     deprecated spelling of bfloat16), and is put back in its previous mode afterwards.
+
+    With a ``sampler`` (a seeded ``torch.Generator`` on ``device``), each source gets one
+    hypothesis drawn by :func:`seq2seq.search.sample` with ``decode.temperature``, ``top_k`` and
+    ``top_p`` under greedy's constraints; its ``score`` and ``log_prob`` are NaN (not searched).
     """
     dtype = autocast_dtype(bf16, dtype)
     width = max(len(ids) for ids in sources)
@@ -218,6 +243,9 @@ def translate_ids(
                 no_repeat_ngram_size=decode.no_repeat_ngram_size,
                 length_penalty_alpha=decode.length_penalty,
             )
+            if sampler is not None:
+                drawn = _sample_hypotheses(decoder, len(sources), decode, max_len, sampler)
+                return [[hyp] for hyp in drawn]
             if decode.beam_size == 1:
                 return [[hyp] for hyp in greedy(decoder, len(sources), **settings)]
             return beam_search(
@@ -225,6 +253,73 @@ def translate_ids(
             )
     finally:
         model.train(was_training)
+
+
+def _sample_hypotheses(
+    decoder: TransformerDecoder,
+    batch_size: int,
+    decode: DecodeConfig,
+    max_len: torch.Tensor,
+    generator: torch.Generator,
+) -> list[Hypothesis]:
+    """One drawn translation per row, under greedy's constraints (see :class:`ConstrainedSteps`)."""
+    steps = ConstrainedSteps(decoder, max_len, decode.min_len, decode.no_repeat_ngram_size)
+    start = torch.full((batch_size,), BOS_ID, dtype=torch.long, device=max_len.device)
+    rows = sample(
+        steps, start, int(max_len.max()), decode.temperature, decode.top_k, decode.top_p,
+        generator, eos_id=EOS_ID,
+    )  # fmt: skip
+    return [Hypothesis(tokens, math.nan, math.nan) for tokens in rows]
+
+
+class ConstrainedSteps:
+    """An :class:`~seq2seq.search.IncrementalDecoder` whose log-probabilities already carry the
+    search constraints of :func:`seq2seq.search.block_tokens` (no PAD/BOS, EOS only after
+    ``min_len`` tokens and forced at ``max_len``, no repeated n-grams), so that
+    :func:`seq2seq.search.sample` draws under the rules greedy and beam search follow.
+
+    A row never left with nothing to draw: where every token is blocked (only possible after the
+    row's EOS, which sampling keeps feeding until all rows are done), EOS is allowed.
+    """
+
+    def __init__(
+        self, decoder: IncrementalDecoder, max_len: torch.Tensor, min_len: int, no_repeat: int
+    ) -> None:
+        self.decoder, self.max_len, self.min_len, self.no_repeat = (
+            decoder,
+            max_len,
+            min_len,
+            no_repeat,
+        )
+        self.history = torch.empty(max_len.size(0), 0, dtype=torch.long, device=max_len.device)
+        self.steps = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps:  # the first call feeds BOS, which is not part of the output
+            self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        log_probs = block_tokens(
+            self.decoder.step(tokens), self.steps, self.history, self.max_len, self.min_len,
+            self.no_repeat,
+        )  # fmt: skip
+        stuck = (log_probs == NEG_INF).all(dim=-1)
+        log_probs[stuck, EOS_ID] = 0.0
+        self.steps += 1
+        return log_probs
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.decoder.reorder(index)
+        self.history, self.max_len = self.history[index], self.max_len[index]
+
+
+def seeded_generator(seed: int | None, device: str | torch.device) -> torch.Generator:
+    """A generator on ``device``: seeded with ``seed``, or from the OS when None (the global RNG
+    is left alone either way)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def autocast_dtype(bf16: bool, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -266,7 +361,7 @@ def read_utf8_lines(stream: BinaryIO, name: str, replace_invalid: bool = False) 
 # The flags that replace the model's DecodeConfig values (each argparse dest is a field name).
 DECODE_FLAGS = (
     "beam_size", "length_penalty", "nbest", "max_len_a", "max_len_b", "min_len",
-    "no_repeat_ngram_size", "batch_tokens",
+    "no_repeat_ngram_size", "batch_tokens", "temperature", "top_k", "top_p",
 )  # fmt: skip
 
 
@@ -281,6 +376,18 @@ DECODE_RULES = {
     "min_len": ("--min-len", lambda v: v >= 0, "an integer >= 0"),
     "no_repeat_ngram_size": ("--no-repeat-ngram", lambda v: v >= 0, "an integer >= 0"),
     "batch_tokens": ("--batch-tokens", lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+# The sampling settings, shared with seq2seq sample; translate checks them only with --sample.
+SAMPLING_RULES = {
+    "temperature": (
+        "--temperature",
+        lambda v: math.isfinite(v) and v >= 0,
+        "a finite number >= 0 (0 = greedy)",
+    ),
+    "top_k": ("--top-k", lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "top_p": ("--top-p", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
 }
 
 
@@ -332,6 +439,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-len", type=int, help="least tokens before EOS")
     p.add_argument("--no-repeat-ngram", type=int, dest="no_repeat_ngram_size")
     p.add_argument("--batch-tokens", type=int, help="source tokens per batch, padding included")
+    p.add_argument(
+        "--sample", action="store_true", help="draw each translation (e.g. back-translation)"
+    )
+    p.add_argument(
+        "--temperature", type=float, help="with --sample: softmax temperature; 0 = greedy"
+    )
+    p.add_argument("--top-k", type=int, help="with --sample: keep the k most probable (0 = all)")
+    p.add_argument("--top-p", type=float, help="with --sample: nucleus mass to keep, in (0, 1]")
+    p.add_argument("--seed", type=int, help="with --sample: random seed (default: random)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add_precision_flags(p)
     p.add_argument("--replace-invalid", action="store_true", help="replace invalid UTF-8 bytes")
@@ -374,11 +490,16 @@ def main(argv: list[str] | None = None) -> int:
         device, precision, requested = resolve_cli_device(args)
         output = _output_path(args.input, args.output)
         overrides = {name: getattr(args, name) for name in DECODE_FLAGS}
+        _check_sampling_flags(args)
+        if args.sample:
+            # One draw per line: the model's beam and n-best settings do not apply.
+            overrides.update(beam_size=1, nbest=1)
+        rules = {**DECODE_RULES, **SAMPLING_RULES} if args.sample else DECODE_RULES
         model, tokenizer, config, _ = check_decode_flags(
             overrides,
             lambda: load_for_inference(args.model, str(device), overrides),
             args.model,
-            DECODE_RULES,
+            rules,
         )
         if config.model.arch != "transformer":
             raise TranslateError(f"{args.model}: a GPT model cannot translate; use seq2seq sample")
@@ -386,7 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seq2seq translate: error: {error}", file=sys.stderr)
         return 2
     decode = config.decode
+    sampler = seeded_generator(args.seed, device) if args.sample else None
     print(f"translate: {args.model} on {device}: {decode}", file=sys.stderr)
+    if args.sample:
+        print(
+            f"translate: sampling with temperature={decode.temperature} top_k={decode.top_k} "
+            f"top_p={decode.top_p}, seed {args.seed}",
+            file=sys.stderr,
+        )
     print(f"translate: {precision.describe(requested)}", file=sys.stderr)
 
     stats = TranslateStats()
@@ -408,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk_size = CHUNK_LINES if args.input else 1
         results = translate_nbest(
             model, tokenizer, lines, decode, device, stats=stats, chunk_size=chunk_size,
-            dtype=precision.dtype,
+            dtype=precision.dtype, sampler=sampler,
         )  # fmt: skip
         try:
             for index, nbest in enumerate(results):
@@ -441,6 +569,25 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Sampling flags only with ``--sample``, and ``--sample`` without the search's beam/n-best."""
+    if args.sample:
+        if args.beam_size not in (None, 1):
+            raise TranslateError(
+                f"--beam {args.beam_size} contradicts --sample (one draw per line)"
+            )
+        if args.nbest is not None:
+            raise TranslateError("--nbest needs beam search; --sample draws one line per line")
+        return
+    given = (
+        ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+        ("--seed", args.seed),
+    )  # fmt: skip
+    for flag, value in given:
+        if value is not None:
+            raise TranslateError(f"{flag} needs --sample (beam search and greedy do not draw)")
 
 
 def _output_path(input_path: str | None, output: str | None) -> str | None:
