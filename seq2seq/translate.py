@@ -34,6 +34,10 @@ wants varied sources): ``--temperature`` divides the log-probabilities, then ``-
 greedy search, so ``--top-k 1`` or ``--temperature 0`` is greedy. ``--seed S`` makes the draws
 repeatable (same input, model, settings and device: same output); without it they differ per run.
 
+With ``--input FILE`` and stderr a terminal, a progress bar on stderr shows the sentences done,
+sentences per second and the time left; otherwise (a log file, a pipe) only the summary line is
+written at the end.
+
 ``--output FILE`` is written to a temporary file beside it and renamed over FILE only once every
 line is written: a failure or a kill never leaves a truncated FILE, and an existing FILE keeps its
 old content until the new one is complete (it is replaced, as a shell's ``>`` would). An output
@@ -58,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
+from tqdm import tqdm
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
@@ -124,6 +129,7 @@ def translate_nbest(
     chunk_size: int = CHUNK_LINES,
     dtype: torch.dtype | None = None,
     sampler: torch.Generator | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> Iterator[list[tuple[str, float]]]:
     """Yield, per input line, up to ``decode.nbest`` ``(text, score)`` pairs, best first.
 
@@ -131,6 +137,7 @@ def translate_nbest(
     When any source was truncated, one warning with the count goes to stderr at the end.
     ``dtype`` is the autocast dtype (None: full precision; ``bf16=True``: deprecated bfloat16).
     With a ``sampler``, each line gets one translation drawn with it (see :func:`translate_ids`).
+    ``progress`` is called with the number of input lines finished, after each batch.
     """
     stats = TranslateStats() if stats is None else stats
     dtype = autocast_dtype(bf16, dtype)
@@ -151,6 +158,10 @@ def translate_nbest(
                     (clean_line(tokenizer.decode_target(h.tokens)), h.score) for h in nbest
                 ]
                 stats.generated_tokens += len(nbest[0].tokens) + 1
+            if progress is not None:
+                progress(len(batch))
+        if progress is not None and len(chunk) > len(todo):
+            progress(len(chunk) - len(todo))  # the empty lines
         stats.lines += len(chunk)
         stats.decoded += len(todo)
         stats.seconds += time.perf_counter() - start
@@ -532,11 +543,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seq2seq translate: error: {error.filename}: {error.strerror}", file=sys.stderr)
             return 2
         lines = read_utf8_lines(source, args.input or "<stdin>", args.replace_invalid)
+        show = bool(args.input) and sys.stderr.isatty()  # a log or a pipe gets the summary only
+        total = count_lines(args.input) if show else None
+        bar = tqdm(total=total, desc="translate", unit=" sent", file=sys.stderr, disable=not show)
+        stack.enter_context(bar)
         # stdin may be a person or a program waiting for each answer: one line per chunk.
         chunk_size = CHUNK_LINES if args.input else 1
         results = translate_nbest(
             model, tokenizer, lines, decode, device, stats=stats, chunk_size=chunk_size,
-            dtype=precision.dtype, sampler=sampler,
+            dtype=precision.dtype, sampler=sampler, progress=bar.update,
         )  # fmt: skip
         try:
             for index, nbest in enumerate(results):
@@ -590,6 +605,15 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
             raise TranslateError(f"{flag} needs --sample (beam search and greedy do not draw)")
 
 
+def count_lines(path: str) -> int:
+    """Lines in a file, a last one without ``\\n`` included (for a progress bar's total)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            count, last = count + block.count(b"\n"), block[-1:]
+    return count + (last != b"\n")
+
+
 def _output_path(input_path: str | None, output: str | None) -> str | None:
     """The file to replace (symlinks followed), after refusing one that is the input."""
     if output is None:
@@ -607,19 +631,30 @@ def _output_path(input_path: str | None, output: str | None) -> str | None:
 class ReplacedFile:
     """A UTF-8 text file written under a temporary name beside ``path`` and renamed over it by
     :meth:`commit`; leaving the ``with`` block without committing removes the temporary file, so
-    ``path`` only ever holds its old content or the complete new one."""
+    ``path`` only ever holds its old content or the complete new one.
+
+    A ``path`` that is not a regular file (``/dev/null``, a FIFO, a terminal) is written into
+    directly: renaming over it would replace the device or pipe itself."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.committed = False
+        if os.path.exists(path) and not os.path.isfile(path):
+            self.tmp = None
+            self.handle = open(path, "w", encoding="utf-8", newline="\n")
+            return
         directory, name = os.path.split(path)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory or ".")
         mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
         os.umask(mask)
         os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; an output follows the umask
         self.handle = open(fd, "w", encoding="utf-8", newline="\n")
-        self.committed = False
 
     def commit(self) -> None:
+        if self.tmp is None:
+            self.handle.close()
+            self.committed = True
+            return
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
@@ -633,8 +668,9 @@ class ReplacedFile:
         if not self.committed:
             with contextlib.suppress(OSError):
                 self.handle.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
+            if self.tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
 
 
 def stdout_closed(command: str) -> int:

@@ -3,8 +3,10 @@ and progress only on a terminal."""
 
 from __future__ import annotations
 
+import io
 import os
 import queue
+import stat
 import subprocess
 import sys
 import threading
@@ -136,3 +138,63 @@ def test_sampling_options_are_checked(model_dir, tmp_path, capsys, flags, messag
     code = main(["--model", str(model_dir), "--input", str(source), "--device", "cpu", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _write_pairs(tmp_path: Path) -> tuple[Path, Path]:
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text("".join(line + "\n" for line in SOURCES))
+    ref.write_text("".join(line[::-1] + "\n" for line in SOURCES))
+    return src, ref
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_progress_only_on_a_terminal(model_dir, tmp_path, monkeypatch, capsys, terminal):
+    from seq2seq import evaluate, translate
+
+    src, ref = _write_pairs(tmp_path)
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    out = str(tmp_path / "hyp.txt")
+    assert translate.main(["--model", str(model_dir), "--input", str(src), "--output", out]) == 0
+    shown = stderr.getvalue()
+    bar = "translate: 100%|"  # tqdm's bar: description, percentage, then the bar itself
+    assert (bar in shown and f"{len(SOURCES)}/{len(SOURCES)}" in shown) == terminal, shown
+    assert ("sent/s" in shown) == terminal
+    stderr.seek(0), stderr.truncate()
+    args = ["--model", str(model_dir), "--src", str(src), "--ref", str(ref)]
+    assert evaluate.main(args) == 0
+    assert ("perplexity: 100%|" in stderr.getvalue()) == terminal, stderr.getvalue()
+    assert "perplexity = " in capsys.readouterr().out
+
+
+def test_stdin_gets_no_progress_bar_even_on_a_terminal(model_dir, tmp_path, monkeypatch):
+    from seq2seq import translate
+
+    stderr = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+    out = str(tmp_path / "hyp.txt")
+    assert translate.main(["--model", str(model_dir), "--output", out]) == 0
+    assert "%|" not in stderr.getvalue() and "sent/s" not in stderr.getvalue()
+
+
+def test_output_into_a_fifo_writes_into_it_and_keeps_it(model_dir, tmp_path):
+    from seq2seq.translate import main
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    src, _ = _write_pairs(tmp_path)
+    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert received and received[0].count(b"\n") == len(SOURCES)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # still the pipe, not a file renamed over it
