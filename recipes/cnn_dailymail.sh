@@ -51,7 +51,8 @@ run_stage 1 train \
 run_stage 2 average \
     "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
-    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split test \
+    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" \
+    --split test \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"
 run_stage 4 summarize \
     "$PY" -m seq2seq.translate --model "$OUT/model" --input "$OUT/test.src" --output "$OUT/test.hyp"

@@ -41,7 +41,8 @@ run_stage 2 train \
 run_stage 3 average \
     "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 4 test-text \
-    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split test \
+    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" \
+    --split test \
     --source "$OUT/test.src" --target "$OUT/test.ref1" --reference "summary2=$OUT/test.ref2" \
     --reference "summary3=$OUT/test.ref3" --max-lines "$TEST_LINES"
 run_stage 5 summarize \

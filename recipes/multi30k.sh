@@ -59,7 +59,8 @@ run_stage 1 train \
 run_stage 2 average \
     "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
-    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" --split "$TEST_SPLIT" \
+    "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" \
+    --split "$TEST_SPLIT" \
     --source "$OUT/test.src" --target "$OUT/test.ref" --max-lines "$TEST_LINES"
 run_stage 4 translate \
     "$PY" -m seq2seq.translate --model "$OUT/model" --input "$OUT/test.src" --output "$OUT/test.hyp"

@@ -12,6 +12,7 @@
 # PYTHON=... uses that interpreter as it is, without installing anything.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/tools/stages.sh"  # for --help before the .venv is made
 ROOT="$(dirname "$HERE")"
 
 if [[ -z "${PYTHON:-}" ]]; then

@@ -13,6 +13,9 @@ Nothing to score is an error, not a number: two empty files (sacreBLEU's BLEU of
 is undefined), a hypothesis file whose line count differs from a reference's (an empty one
 included), an empty ``--metrics`` list, or a perplexity over empty files. Each gives one line on
 stderr naming the files or the option, exit status 2.
+
+``--model`` shows a progress bar on stderr (sentences or tokens scored, rate, time left) when
+stderr is a terminal, and nothing more than the result otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF, TER
+from tqdm import tqdm
 
 METRICS = ("bleu", "chrf", "ter", "rouge")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -113,19 +117,26 @@ def _split_sentences(text: str) -> str:
 
 
 @torch.inference_mode()
-def perplexity_lm(model: torch.nn.Module, ids: Sequence[int], device: str = "cpu") -> dict:
+def perplexity_lm(
+    model: torch.nn.Module, ids: Sequence[int], device: str = "cpu", progress: bool = False
+) -> dict:
     """Perplexity of a ``GPT`` on one token stream, in non-overlapping windows of
-    ``max_positions`` inputs (each window starts without earlier context)."""
+    ``max_positions`` inputs (each window starts without earlier context); ``progress`` shows
+    a bar of tokens scored on stderr."""
     window = model.config.max_positions
     stream = torch.tensor(list(ids), dtype=torch.long)
     if stream.numel() < 2:
         raise EvaluateError("the text needs at least two tokens")
     total, count = 0.0, 0
-    for start in range(0, stream.numel() - 1, window):
-        chunk = stream[start : start + window + 1].to(device)[None]
-        logits = model(chunk[:, :-1]).float()
-        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-        total, count = total + float(loss), count + chunk.size(1) - 1
+    bar = tqdm(total=stream.numel() - 1, desc="perplexity", unit=" tok", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    with bar:
+        for start in range(0, stream.numel() - 1, window):
+            chunk = stream[start : start + window + 1].to(device)[None]
+            logits = model(chunk[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+            total, count = total + float(loss), count + chunk.size(1) - 1
+            bar.update(chunk.size(1) - 1)
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}
 
 
@@ -135,14 +146,18 @@ def perplexity_seq2seq(
     pairs: Sequence[tuple[list[int], list[int]]],
     device: str = "cpu",
     batch_size: int = 64,
+    progress: bool = False,
 ) -> dict:
-    """Teacher-forced perplexity of target pieces (+EOS) given source pieces (+EOS)."""
+    """Teacher-forced perplexity of target pieces (+EOS) given source pieces (+EOS); ``progress``
+    shows a bar of sentences scored on stderr."""
     from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
     if not pairs:
         raise EvaluateError("nothing to score: no sentence pairs")
     limit = model.config.max_positions
     total, count = 0.0, 0
+    bar = tqdm(total=len(pairs), desc="perplexity", unit=" sent", file=sys.stderr,
+               disable=not progress)  # fmt: skip
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         src = [(s[: limit - 1] + [EOS_ID]) for s, _ in chunk]
@@ -156,6 +171,8 @@ def perplexity_seq2seq(
         )
         total += float(loss)
         count += int((tgt_out != PAD_ID).sum())
+        bar.update(len(chunk))
+    bar.close()
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}
 
 
@@ -262,7 +279,7 @@ def _perplexity_cli(args: argparse.Namespace) -> dict:
         ids = tokenizer.encode_target(text)
         if len(ids) < 2:
             raise EvaluateError(f"{args.text}: too short to score (needs at least two tokens)")
-        result = perplexity_lm(model, ids, device)
+        result = perplexity_lm(model, ids, device, progress=sys.stderr.isatty())
     else:
         if not (args.src and args.ref and len(args.ref) == 1):
             raise EvaluateError("a Transformer model needs --src FILE and one --ref FILE")
@@ -277,7 +294,7 @@ def _perplexity_cli(args: argparse.Namespace) -> dict:
         pairs = list(
             zip(tokenizer.encode_source_batch(sources), tokenizer.encode_target_batch(targets))
         )
-        result = perplexity_seq2seq(model, pairs, device)
+        result = perplexity_seq2seq(model, pairs, device, progress=sys.stderr.isatty())
     result["text"] = (
         f"perplexity = {result['perplexity']:.3f} (nll {result['nll']:.4f} nats/token, "
         f"{result['tokens']} tokens)"

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -109,6 +110,24 @@ def _iter_jsonl(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
         yield _field(record, data.src_field, where), _field(record, data.tgt_field, where)
 
 
+def _offline_hint() -> str:
+    """What to try after a failed hub load; never advice to set a variable that is set."""
+    offline = [
+        name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    ]  # fmt: skip
+    if offline:
+        return (
+            f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set, so only the "
+            "local cache is read and it lacks this "
+            "dataset: point data.path at a local folder, or load it once with network access"
+        )
+    return (
+        "The hub may be unreachable (offline?): point data.path at a local folder, or set "
+        "HF_HUB_OFFLINE=1 to use the local cache"
+    )
+
+
 def _iter_hf(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
     import datasets  # slow to import; only this format needs it
 
@@ -120,8 +139,7 @@ def _iter_hf(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
     except Exception as error:  # datasets raises many types (network, missing split, bad files)
         raise DataError(
             f"{name}: could not load split {split!r} (config {data.hf_config or None!r}) with "
-            f"datasets: {type(error).__name__}: {error}. The hub may be unreachable (offline?): "
-            "point data.path at a local folder, or set HF_HUB_OFFLINE=1 to use the local cache"
+            f"datasets: {type(error).__name__}: {error}. {_offline_hint()}"
         ) from error
     columns = sorted({f.split(".")[0] for f in (data.src_field, data.tgt_field)})
     for column in set(columns) - set(dataset.column_names):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 
@@ -29,10 +28,12 @@ from seq2seq.config import ConfigError, DecodeConfig
 from seq2seq.search import GPTDecoder, sample
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from seq2seq.translate import (
+    SAMPLING_RULES,
     TranslateError,
     add_precision_flags,
     check_decode_flags,
     resolve_cli_device,
+    seeded_generator,
     stdout_closed,
 )
 
@@ -96,11 +97,7 @@ def generate(
     given (None: full precision)."""
     prompt_ids = tokenizer.encode_target(prompt) if prompt else []
     seed_ids = prompt_ids or start_ids(tokenizer)
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # nondeterministic, leaves the global RNG alone
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed, device)
     autocast = (
         torch.autocast(torch.device(device).type, dtype=dtype)
         if dtype is not None
@@ -125,13 +122,7 @@ DECODE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p")
 # Checked on the merged settings, naming the flag (or the model's config key); see translate.
 DECODE_RULES = {
     "max_new_tokens": ("--max-new-tokens", lambda v: v >= 0, "an integer >= 0"),
-    "temperature": (
-        "--temperature",
-        lambda v: math.isfinite(v) and v >= 0,
-        "a finite number >= 0 (0 = greedy)",
-    ),
-    "top_k": ("--top-k", lambda v: v >= 0, "an integer >= 0 (0 = all)"),
-    "top_p": ("--top-p", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    **SAMPLING_RULES,
 }
 
 

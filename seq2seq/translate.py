@@ -9,6 +9,11 @@ line without touching the model. A source longer than the model's ``max_position
 included) is truncated, with one warning at the end giving the count. Line breaks inside an
 output (``\\n``, ``\\r`` and the other characters ``str.splitlines`` breaks on) become spaces.
 
+Input from stdin (a terminal or a pipe: a person typing, or a program in a dialogue) is
+translated one line at a time, each answer written and flushed as soon as its line arrives;
+``--input FILE`` is read in chunks of ``CHUNK_LINES`` lines, sorted by length into full batches,
+so translate a large corpus with ``--input`` for throughput.
+
 Output length limit per sentence: ``max_len = max_len_a * source_len + max_len_b`` tokens
 (source_len counts EOS; max_len counts generated tokens including EOS), capped at
 ``max_positions``. ``beam_size=1`` runs :func:`seq2seq.search.greedy`, which gives the same result.
@@ -21,6 +26,17 @@ a deprecated alias for ``--precision bf16``.
 0-based input index and the length-normalised log-probability score; missing hypotheses (an
 empty input, or a search that found fewer than K) are written as empty with score ``-inf``
 (``0`` for an empty input).
+
+``--sample`` draws each translation instead of searching for the best one (back-translation
+wants varied sources): ``--temperature`` divides the log-probabilities, then ``--top-k`` and
+``--top-p`` (nucleus) filter them, through :func:`seq2seq.search.sample` with the sampling code
+``seq2seq sample`` uses; ``min_len``, ``no_repeat_ngram_size`` and the length limit apply as in
+greedy search, so ``--top-k 1`` or ``--temperature 0`` is greedy. ``--seed S`` makes the draws
+repeatable (same input, model, settings and device: same output); without it they differ per run.
+
+With ``--input FILE`` and stderr a terminal, a progress bar on stderr shows the sentences done,
+sentences per second and the time left; otherwise (a log file, a pipe) only the summary line is
+written at the end.
 
 ``--output FILE`` is written to a temporary file beside it and renamed over FILE only once every
 line is written: a failure or a kill never leaves a truncated FILE, and an existing FILE keeps its
@@ -46,12 +62,22 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
+from tqdm import tqdm
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
 from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
-from seq2seq.search import Hypothesis, TransformerDecoder, beam_search, greedy
-from seq2seq.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from seq2seq.search import (
+    NEG_INF,
+    Hypothesis,
+    IncrementalDecoder,
+    TransformerDecoder,
+    beam_search,
+    block_tokens,
+    greedy,
+    sample,
+)
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 CHUNK_LINES = 10_000
 # Everything str.splitlines() treats as a line boundary, mapped to a space.
@@ -102,12 +128,16 @@ def translate_nbest(
     stats: TranslateStats | None = None,
     chunk_size: int = CHUNK_LINES,
     dtype: torch.dtype | None = None,
+    sampler: torch.Generator | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> Iterator[list[tuple[str, float]]]:
     """Yield, per input line, up to ``decode.nbest`` ``(text, score)`` pairs, best first.
 
     Empty or whitespace-only lines yield ``[]``. Lines are consumed ``chunk_size`` at a time.
     When any source was truncated, one warning with the count goes to stderr at the end.
     ``dtype`` is the autocast dtype (None: full precision; ``bf16=True``: deprecated bfloat16).
+    With a ``sampler``, each line gets one translation drawn with it (see :func:`translate_ids`).
+    ``progress`` is called with the number of input lines finished, after each batch.
     """
     stats = TranslateStats() if stats is None else stats
     dtype = autocast_dtype(bf16, dtype)
@@ -121,12 +151,17 @@ def translate_nbest(
         stats.truncated += sum(len(ids) > limit for ids in sources)
         sources = [ids[:limit] + [EOS_ID] for ids in sources]
         for batch in token_batches([len(ids) for ids in sources], decode.batch_tokens):
-            hyps = _translate_halving(model, [sources[j] for j in batch], decode, device, dtype)
+            batch_sources = [sources[j] for j in batch]
+            hyps = _translate_halving(model, batch_sources, decode, device, dtype, sampler)
             for j, nbest in zip(batch, hyps):
                 results[todo[j]] = [
                     (clean_line(tokenizer.decode_target(h.tokens)), h.score) for h in nbest
                 ]
                 stats.generated_tokens += len(nbest[0].tokens) + 1
+            if progress is not None:
+                progress(len(batch))
+        if progress is not None and len(chunk) > len(todo):
+            progress(len(chunk) - len(todo))  # the empty lines
         stats.lines += len(chunk)
         stats.decoded += len(todo)
         stats.seconds += time.perf_counter() - start
@@ -145,10 +180,11 @@ def _translate_halving(
     decode: DecodeConfig,
     device: str | torch.device,
     dtype: torch.dtype | None,
+    sampler: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
     """``translate_ids``, retried on halves of the batch while the device runs out of memory."""
     try:
-        return translate_ids(model, sources, decode, device, False, dtype)
+        return translate_ids(model, sources, decode, device, False, dtype, sampler)
     except torch.OutOfMemoryError:
         if len(sources) == 1:
             raise
@@ -160,8 +196,8 @@ def _translate_halving(
             f"{half} + {len(sources) - half}",
             file=sys.stderr,
         )
-        return _translate_halving(model, sources[:half], decode, device, dtype) + (
-            _translate_halving(model, sources[half:], decode, device, dtype)
+        return _translate_halving(model, sources[:half], decode, device, dtype, sampler) + (
+            _translate_halving(model, sources[half:], decode, device, dtype, sampler)
         )
 
 
@@ -185,11 +221,16 @@ def translate_ids(
     device: str | torch.device = "cpu",
     bf16: bool = False,
     dtype: torch.dtype | None = None,
+    sampler: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
     """Search one batch of source ids (each ending in EOS); per source its n-best hypotheses.
 
     The model runs in eval mode, under autocast to ``dtype`` when given (``bf16=True`` is the
     deprecated spelling of bfloat16), and is put back in its previous mode afterwards.
+
+    With a ``sampler`` (a seeded ``torch.Generator`` on ``device``), each source gets one
+    hypothesis drawn by :func:`seq2seq.search.sample` with ``decode.temperature``, ``top_k`` and
+    ``top_p`` under greedy's constraints; its ``score`` and ``log_prob`` are NaN (not searched).
     """
     dtype = autocast_dtype(bf16, dtype)
     width = max(len(ids) for ids in sources)
@@ -213,6 +254,9 @@ def translate_ids(
                 no_repeat_ngram_size=decode.no_repeat_ngram_size,
                 length_penalty_alpha=decode.length_penalty,
             )
+            if sampler is not None:
+                drawn = _sample_hypotheses(decoder, len(sources), decode, max_len, sampler)
+                return [[hyp] for hyp in drawn]
             if decode.beam_size == 1:
                 return [[hyp] for hyp in greedy(decoder, len(sources), **settings)]
             return beam_search(
@@ -220,6 +264,73 @@ def translate_ids(
             )
     finally:
         model.train(was_training)
+
+
+def _sample_hypotheses(
+    decoder: TransformerDecoder,
+    batch_size: int,
+    decode: DecodeConfig,
+    max_len: torch.Tensor,
+    generator: torch.Generator,
+) -> list[Hypothesis]:
+    """One drawn translation per row, under greedy's constraints (see :class:`ConstrainedSteps`)."""
+    steps = ConstrainedSteps(decoder, max_len, decode.min_len, decode.no_repeat_ngram_size)
+    start = torch.full((batch_size,), BOS_ID, dtype=torch.long, device=max_len.device)
+    rows = sample(
+        steps, start, int(max_len.max()), decode.temperature, decode.top_k, decode.top_p,
+        generator, eos_id=EOS_ID,
+    )  # fmt: skip
+    return [Hypothesis(tokens, math.nan, math.nan) for tokens in rows]
+
+
+class ConstrainedSteps:
+    """An :class:`~seq2seq.search.IncrementalDecoder` whose log-probabilities already carry the
+    search constraints of :func:`seq2seq.search.block_tokens` (no PAD/BOS, EOS only after
+    ``min_len`` tokens and forced at ``max_len``, no repeated n-grams), so that
+    :func:`seq2seq.search.sample` draws under the rules greedy and beam search follow.
+
+    A row never left with nothing to draw: where every token is blocked (only possible after the
+    row's EOS, which sampling keeps feeding until all rows are done), EOS is allowed.
+    """
+
+    def __init__(
+        self, decoder: IncrementalDecoder, max_len: torch.Tensor, min_len: int, no_repeat: int
+    ) -> None:
+        self.decoder, self.max_len, self.min_len, self.no_repeat = (
+            decoder,
+            max_len,
+            min_len,
+            no_repeat,
+        )
+        self.history = torch.empty(max_len.size(0), 0, dtype=torch.long, device=max_len.device)
+        self.steps = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps:  # the first call feeds BOS, which is not part of the output
+            self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        log_probs = block_tokens(
+            self.decoder.step(tokens), self.steps, self.history, self.max_len, self.min_len,
+            self.no_repeat,
+        )  # fmt: skip
+        stuck = (log_probs == NEG_INF).all(dim=-1)
+        log_probs[stuck, EOS_ID] = 0.0
+        self.steps += 1
+        return log_probs
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.decoder.reorder(index)
+        self.history, self.max_len = self.history[index], self.max_len[index]
+
+
+def seeded_generator(seed: int | None, device: str | torch.device) -> torch.Generator:
+    """A generator on ``device``: seeded with ``seed``, or from the OS when None (the global RNG
+    is left alone either way)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def autocast_dtype(bf16: bool, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -261,7 +372,7 @@ def read_utf8_lines(stream: BinaryIO, name: str, replace_invalid: bool = False) 
 # The flags that replace the model's DecodeConfig values (each argparse dest is a field name).
 DECODE_FLAGS = (
     "beam_size", "length_penalty", "nbest", "max_len_a", "max_len_b", "min_len",
-    "no_repeat_ngram_size", "batch_tokens",
+    "no_repeat_ngram_size", "batch_tokens", "temperature", "top_k", "top_p",
 )  # fmt: skip
 
 
@@ -276,6 +387,18 @@ DECODE_RULES = {
     "min_len": ("--min-len", lambda v: v >= 0, "an integer >= 0"),
     "no_repeat_ngram_size": ("--no-repeat-ngram", lambda v: v >= 0, "an integer >= 0"),
     "batch_tokens": ("--batch-tokens", lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+# The sampling settings, shared with seq2seq sample; translate checks them only with --sample.
+SAMPLING_RULES = {
+    "temperature": (
+        "--temperature",
+        lambda v: math.isfinite(v) and v >= 0,
+        "a finite number >= 0 (0 = greedy)",
+    ),
+    "top_k": ("--top-k", lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "top_p": ("--top-p", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
 }
 
 
@@ -327,6 +450,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-len", type=int, help="least tokens before EOS")
     p.add_argument("--no-repeat-ngram", type=int, dest="no_repeat_ngram_size")
     p.add_argument("--batch-tokens", type=int, help="source tokens per batch, padding included")
+    p.add_argument(
+        "--sample", action="store_true", help="draw each translation (e.g. back-translation)"
+    )
+    p.add_argument(
+        "--temperature", type=float, help="with --sample: softmax temperature; 0 = greedy"
+    )
+    p.add_argument("--top-k", type=int, help="with --sample: keep the k most probable (0 = all)")
+    p.add_argument("--top-p", type=float, help="with --sample: nucleus mass to keep, in (0, 1]")
+    p.add_argument("--seed", type=int, help="with --sample: random seed (default: random)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add_precision_flags(p)
     p.add_argument("--replace-invalid", action="store_true", help="replace invalid UTF-8 bytes")
@@ -369,11 +501,16 @@ def main(argv: list[str] | None = None) -> int:
         device, precision, requested = resolve_cli_device(args)
         output = _output_path(args.input, args.output)
         overrides = {name: getattr(args, name) for name in DECODE_FLAGS}
+        _check_sampling_flags(args)
+        if args.sample:
+            # One draw per line: the model's beam and n-best settings do not apply.
+            overrides.update(beam_size=1, nbest=1)
+        rules = {**DECODE_RULES, **SAMPLING_RULES} if args.sample else DECODE_RULES
         model, tokenizer, config, _ = check_decode_flags(
             overrides,
             lambda: load_for_inference(args.model, str(device), overrides),
             args.model,
-            DECODE_RULES,
+            rules,
         )
         if config.model.arch != "transformer":
             raise TranslateError(f"{args.model}: a GPT model cannot translate; use seq2seq sample")
@@ -381,7 +518,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seq2seq translate: error: {error}", file=sys.stderr)
         return 2
     decode = config.decode
+    sampler = seeded_generator(args.seed, device) if args.sample else None
     print(f"translate: {args.model} on {device}: {decode}", file=sys.stderr)
+    if args.sample:
+        print(
+            f"translate: sampling with temperature={decode.temperature} top_k={decode.top_k} "
+            f"top_p={decode.top_p}, seed {args.seed}",
+            file=sys.stderr,
+        )
     print(f"translate: {precision.describe(requested)}", file=sys.stderr)
 
     stats = TranslateStats()
@@ -399,9 +543,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seq2seq translate: error: {error.filename}: {error.strerror}", file=sys.stderr)
             return 2
         lines = read_utf8_lines(source, args.input or "<stdin>", args.replace_invalid)
+        show = bool(args.input) and sys.stderr.isatty()  # a log or a pipe gets the summary only
+        total = count_lines(args.input) if show else None
+        bar = tqdm(total=total, desc="translate", unit=" sent", file=sys.stderr, disable=not show)
+        stack.enter_context(bar)
+        # stdin may be a person or a program waiting for each answer: one line per chunk.
+        chunk_size = CHUNK_LINES if args.input else 1
         results = translate_nbest(
-            model, tokenizer, lines, decode, device, stats=stats, dtype=precision.dtype
-        )
+            model, tokenizer, lines, decode, device, stats=stats, chunk_size=chunk_size,
+            dtype=precision.dtype, sampler=sampler, progress=bar.update,
+        )  # fmt: skip
         try:
             for index, nbest in enumerate(results):
                 if args.nbest:
@@ -435,6 +586,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Sampling flags only with ``--sample``, and ``--sample`` without the search's beam/n-best."""
+    if args.sample:
+        if args.beam_size not in (None, 1):
+            raise TranslateError(
+                f"--beam {args.beam_size} contradicts --sample (one draw per line)"
+            )
+        if args.nbest is not None:
+            raise TranslateError("--nbest needs beam search; --sample draws one line per line")
+        return
+    given = (
+        ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+        ("--seed", args.seed),
+    )  # fmt: skip
+    for flag, value in given:
+        if value is not None:
+            raise TranslateError(f"{flag} needs --sample (beam search and greedy do not draw)")
+
+
+def count_lines(path: str) -> int:
+    """Lines in a file, a last one without ``\\n`` included (for a progress bar's total)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            count, last = count + block.count(b"\n"), block[-1:]
+    return count + (last != b"\n")
+
+
 def _output_path(input_path: str | None, output: str | None) -> str | None:
     """The file to replace (symlinks followed), after refusing one that is the input."""
     if output is None:
@@ -452,19 +631,30 @@ def _output_path(input_path: str | None, output: str | None) -> str | None:
 class ReplacedFile:
     """A UTF-8 text file written under a temporary name beside ``path`` and renamed over it by
     :meth:`commit`; leaving the ``with`` block without committing removes the temporary file, so
-    ``path`` only ever holds its old content or the complete new one."""
+    ``path`` only ever holds its old content or the complete new one.
+
+    A ``path`` that is not a regular file (``/dev/null``, a FIFO, a terminal) is written into
+    directly: renaming over it would replace the device or pipe itself."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.committed = False
+        if os.path.exists(path) and not os.path.isfile(path):
+            self.tmp = None
+            self.handle = open(path, "w", encoding="utf-8", newline="\n")
+            return
         directory, name = os.path.split(path)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory or ".")
         mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
         os.umask(mask)
         os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; an output follows the umask
         self.handle = open(fd, "w", encoding="utf-8", newline="\n")
-        self.committed = False
 
     def commit(self) -> None:
+        if self.tmp is None:
+            self.handle.close()
+            self.committed = True
+            return
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
@@ -478,8 +668,9 @@ class ReplacedFile:
         if not self.committed:
             with contextlib.suppress(OSError):
                 self.handle.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
+            if self.tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
 
 
 def stdout_closed(command: str) -> int:

@@ -389,3 +389,93 @@ def test_wmt_recipe_runs_through_torchrun_on_a_local_folder(tmp_path):
     assert "tok:13a" in sacre["bleu"]["signature"]
     assert "compound-split:##AT##" in paper["bleu_tokenized_compound_split"]["signature"]
     assert len((tmp_path / "run" / "test.hyp").read_text().splitlines()) == 20
+
+
+# ------------------------------------------------------------------------------ sharp edges
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", RECIPE_SCRIPTS, ids=lambda p: p.name)
+def test_recipe_help_prints_the_header_and_starts_nothing(tmp_path, script, flag):
+    env = {k: v for k, v in os.environ.items() if k not in RECIPE_VARIABLES}
+    result = subprocess.run(
+        ["bash", str(script), flag], cwd=tmp_path, env={**env, "PYTHON": "false"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    header = script.read_text().splitlines()[1].removeprefix("# ")
+    assert result.stdout.splitlines()[0] == header
+    assert "Variables" in result.stdout or "variables" in result.stdout
+    assert "=== stage" not in result.stdout and not result.stdout.startswith("#")
+    assert list(tmp_path.iterdir()) == []  # no run directory, no .venv, nothing
+
+
+# A stand-in interpreter: records each call's arguments, one line per call, and succeeds.
+RECORDING_PYTHON = '#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+
+
+def recorded_calls(tmp_path: Path, script: Path, env: dict[str, str]) -> list[str]:
+    """The interpreter calls ``script`` makes, every stage run with :data:`RECORDING_PYTHON`."""
+    python = tmp_path / "python"
+    python.write_text(RECORDING_PYTHON)
+    python.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {"OUT": str(tmp_path / "run"), "NGPU": "1", "CALLS": str(calls), **env}
+    result = run_bash(script, {**env, "PYTHON": str(python)}, 60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "recipe", ["multi30k.sh", "wmt_en_de.sh", "cnn_dailymail.sh", "dialogsum.sh"]
+)
+def test_overrides_reach_every_stage_that_reads_the_config(tmp_path, recipe):
+    overrides = "data.src_lang=xx data.max_len=77"
+    env = {"OVERRIDES": overrides, "DATA": str(tmp_path / "data")}
+    calls = recorded_calls(tmp_path, RECIPES / recipe, env)
+    readers = [call for call in calls if re.search(r"configs/\w+\.yaml", call)]
+    assert any("export_split.py" in call for call in readers)  # the test-text stage
+    assert len(readers) >= 3  # prepare, train, test-text
+    for call in readers:
+        assert call.endswith(overrides) or f" {overrides} " in f" {call} ", call
+
+
+def test_export_split_follows_an_overridden_direction(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.de").write_text("ein hund\n")
+    (data / "test.en").write_text("a dog\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  format: text\n  path: {data}\n  src_lang: de\n  tgt_lang: en\n")
+    src, ref = tmp_path / "test.src", tmp_path / "test.ref"
+    flipped = ["data.src_lang=en", "data.tgt_lang=de"]
+    common = ["--split", "test", "--source", str(src), "--target", str(ref)]
+    assert export_split.main([str(config), *flipped, *common]) == 0
+    assert (src.read_text(), ref.read_text()) == ("a dog\n", "ein hund\n")
+
+
+def test_wmt_recipe_takes_src_and_tgt(tmp_path):
+    calls = recorded_calls(tmp_path, RECIPES / "wmt_en_de.sh", {"SRC": "de", "TGT": "en"})
+    prepare = next(call for call in calls if "seq2seq.prepare" in call)
+    for setting in ("data.src_lang=de", "data.tgt_lang=en", "data.src_field=translation.de",
+                    "data.tgt_field=translation.en"):  # fmt: skip
+        assert setting in prepare.split()
+    assert not any("paper_bleu.py" in call for call in calls)  # German compound splitting only
+    default = run_bash(RECIPES / "wmt_en_de.sh", {"STAGE": "99", "NGPU": "1", "DATA": "hub"}, 60)
+    assert "en -> de" in default.stdout and "runs/wmt_en_de_base" in default.stdout
+    wrong = run_bash(RECIPES / "wmt_en_de.sh", {"SRC": "fr", "TGT": "en", "NGPU": "1"}, 60)
+    assert wrong.returncode == 2 and "SRC=fr TGT=en" in wrong.stderr
+
+
+def test_offline_hub_error_does_not_ask_for_what_is_set(monkeypatch):
+    from seq2seq.config import DataConfig
+    from seq2seq.data import DataError
+    from seq2seq.prepare import read_parallel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    data = DataConfig(format="hf", path="no-such-owner/no-such-dataset")
+    with pytest.raises(DataError) as error:
+        list(read_parallel(data, "test"))
+    assert "set HF_HUB_OFFLINE" not in str(error.value)
+    assert "HF_HUB_OFFLINE is set" in str(error.value)

@@ -6,6 +6,21 @@
 # so running a recipe again continues where it stopped. STAGE=n starts at stage n and runs it and
 # every later stage again, done or not. With --stdout, the command's standard output is shown and
 # written to FILE (via FILE.tmp, renamed only when the command succeeds).
+#
+# Sourced without arguments, it sees the recipe's own: "-h" or "--help" prints the recipe's header
+# (its usage comment) and exits 0 before any work starts.
+
+# The comment block at the top of a script, without the "#!" line and the leading "# ".
+recipe_usage() {
+    awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
+for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+        recipe_usage "$0"
+        exit 0
+    fi
+done
 
 STAGE="${STAGE:-}"
 
