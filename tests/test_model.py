@@ -322,12 +322,12 @@ def test_gpt_cached_decoding_and_reorder():
     tokens = torch.randint(4, 50, (3, 9))
     with torch.no_grad():
         full = model(tokens)
-        state = model.start_decoding(3, "cpu")
+        state = model.start_decoding()
         parts = [model.decode_step(tokens[:, :5], state)]
         parts += [model.decode_step(tokens[:, i : i + 1], state) for i in range(5, 9)]
         assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
         order = torch.tensor([1, 1, 2])
-        state = model.start_decoding(3, "cpu")
+        state = model.start_decoding()
         model.decode_step(tokens[:, :6], state)
         state.reorder(order)
         continued = torch.cat(
