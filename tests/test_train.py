@@ -348,13 +348,17 @@ def test_overfits_fifty_multi30k_pairs(shared_data, tmp_path):
                 warmup_steps=10,
                 label_smoothing=0.0,
                 clip_norm=1.0,
+                eval_bleu=True,
+                eval_bleu_sentences=50,
             ),
         }
     )
     result = train_module.train(config)
     # The validation split here is the training set itself: memorised means near-zero NLL
-    # (a uniform guess over the 300 pieces would be ln 300 = 5.7).
+    # (a uniform guess over the 300 pieces would be ln 300 = 5.7), and greedy decoding gives the
+    # references back: a BLEU that a broken decoder or a mismatched reference list cannot reach.
     assert result["valid_nll"] < 0.1
+    assert result["bleu"] > 90.0
 
 
 @pytest.mark.slow
@@ -410,4 +414,6 @@ def test_short_multi30k_run_lowers_validation_loss(shared_data, tmp_path):
     before = _initial_valid_loss(config)
     result = train_module.train(config)
     assert result["valid_loss"] < before - 1.0
-    assert 0.0 <= result["bleu"] <= 100.0
+    # 40 updates leave BLEU near 0, where a broken scorer looks the same: what the score means
+    # is checked on a memorised set in test_overfits_fifty_multi30k_pairs.
+    assert "bleu" in result
