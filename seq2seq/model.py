@@ -201,16 +201,50 @@ class Residual(nn.Module):
         return self.norm(x + self.dropout(sublayer(x)))
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """The sizes and rates every encoder/decoder layer is built from (``ModelConfig``'s subset)."""
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    dropout: float  # on each sublayer's output, before the residual sum
+    attention_dropout: float
+    activation_dropout: float
+    activation: str  # "relu" | "gelu"
+    norm_first: bool  # pre-norm instead of the paper's post-norm
+    layer_norm_eps: float
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> LayerShape:
+        return cls(
+            config.d_model, config.n_heads, config.d_ff, config.dropout, config.attention_dropout,
+            config.activation_dropout, config.activation, config.norm_first, config.layer_norm_eps,
+        )  # fmt: skip
+
+    def attention(self) -> MultiHeadAttention:
+        return MultiHeadAttention(self.d_model, self.n_heads, self.attention_dropout)
+
+    def feed_forward(self) -> FeedForward:
+        return FeedForward(self.d_model, self.d_ff, self.activation_dropout, self.activation)
+
+    def residual(self) -> Residual:
+        return Residual(self.d_model, self.dropout, self.norm_first, self.layer_norm_eps)
+
+    def final_norm(self) -> nn.LayerNorm | None:
+        """Pre-norm leaves a stack's last residual sum unnormalised, so it ends with a LayerNorm."""
+        return nn.LayerNorm(self.d_model, eps=self.layer_norm_eps) if self.norm_first else None
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then feed-forward, each wrapped in a residual block."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, shape: LayerShape) -> None:
         super().__init__()
-        c = config
-        self.self_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
-        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.activation_dropout, c.activation)
-        self.self_attention_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
-        self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+        self.self_attention = shape.attention()
+        self.feed_forward = shape.feed_forward()
+        self.self_attention_block = shape.residual()
+        self.feed_forward_block = shape.residual()
 
     def forward(self, x: Tensor, key_mask: Tensor, record: AttentionRecord | None = None) -> Tensor:
         """x (b, s, m); key_mask (b, 1, 1, s) -> (b, s, m)."""
@@ -230,6 +264,15 @@ class LayerCache:
     cross_key: Tensor | None = None
     cross_value: Tensor | None = None
 
+    def reorder(self, index: Tensor, self_attention_only: bool) -> None:
+        """Keep batch rows ``index``; the cross-attention ones too unless ``self_attention_only``."""
+        if self.self_key is not None:
+            self.self_key = self.self_key.index_select(0, index)
+            self.self_value = self.self_value.index_select(0, index)
+        if self.cross_key is not None and not self_attention_only:
+            self.cross_key = self.cross_key.index_select(0, index)
+            self.cross_value = self.cross_value.index_select(0, index)
+
 
 @dataclass
 class DecoderState:
@@ -248,16 +291,10 @@ class DecoderState:
         With ``self_attention_only`` the cross-attention keys/values and memory mask are left as
         they are, which is valid when every kept row still belongs to the same source sentence.
         """
-        names = ("self_key", "self_value")
-        if not self_attention_only:
-            names += ("cross_key", "cross_value")
-            if self.memory_mask is not None:
-                self.memory_mask = self.memory_mask.index_select(0, index)
+        if self.memory_mask is not None and not self_attention_only:
+            self.memory_mask = self.memory_mask.index_select(0, index)
         for cache in self.layers:
-            for name in names:
-                tensor = getattr(cache, name)
-                if tensor is not None:
-                    setattr(cache, name, tensor.index_select(0, index))
+            cache.reorder(index, self_attention_only)
 
 
 class DecoderLayer(nn.Module):
@@ -266,19 +303,16 @@ class DecoderLayer(nn.Module):
     Without cross-attention this is the GPT block.
     """
 
-    def __init__(self, config: ModelConfig, cross_attention: bool) -> None:
+    def __init__(self, shape: LayerShape, cross_attention: bool) -> None:
         super().__init__()
-        c = config
-        self.self_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
-        self.self_attention_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+        self.self_attention = shape.attention()
+        self.self_attention_block = shape.residual()
         self.cross_attention = None
         if cross_attention:
-            self.cross_attention = MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout)
-            self.cross_attention_block = Residual(
-                c.d_model, c.dropout, c.norm_first, c.layer_norm_eps
-            )
-        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.activation_dropout, c.activation)
-        self.feed_forward_block = Residual(c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+            self.cross_attention = shape.attention()
+            self.cross_attention_block = shape.residual()
+        self.feed_forward = shape.feed_forward()
+        self.feed_forward_block = shape.residual()
 
     def forward(
         self,
@@ -345,6 +379,74 @@ class EncoderOutput:
     memory_mask: Tensor  # (b, 1, 1, s), True at real source tokens
 
 
+class DecoderStack(nn.Module):
+    """The target side both models share: token embedding and positions, decoder layers, the final
+    LayerNorm of a pre-norm stack, and the output projection (the embedding matrix when tied).
+
+    Teacher-forced (:meth:`forward`) or incremental with a cache (:meth:`start`, :meth:`step`).
+    The models register these parts under their own attribute names, the names saved in their
+    checkpoints (``decoder_layers.0...`` / ``layers.0...``), and keep the stack itself as a plain
+    attribute so that no parameter is saved twice.
+    """
+
+    def __init__(
+        self,
+        embedding: TokenEmbedding,
+        positions: PositionalEncoding,
+        shape: LayerShape,
+        n_layers: int,
+        cross_attention: bool,
+        vocab_size: int,
+        tie_output: bool,
+    ) -> None:
+        super().__init__()
+        self.embedding, self.positions = embedding, positions
+        self.layers = nn.ModuleList(DecoderLayer(shape, cross_attention) for _ in range(n_layers))
+        self.norm = shape.final_norm()
+        self.output_projection = None
+        if not tie_output:
+            self.output_projection = nn.Linear(shape.d_model, vocab_size, bias=False)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        record: AttentionRecord | None = None,
+    ) -> Tensor:
+        """tokens (b, t), whole targets (causal attention) -> logits (b, t, v)."""
+        x = self.positions(self.embedding(tokens))
+        for layer in self.layers:
+            x = layer(x, memory, memory_mask, record=record)
+        return self.logits(x)
+
+    def start(
+        self, memory: Tensor | None = None, memory_mask: Tensor | None = None
+    ) -> DecoderState:
+        """An empty cache; with a ``memory``, each layer's cross-attention keys/values, once."""
+        state = DecoderState([LayerCache() for _ in self.layers], memory_mask)
+        if memory is not None:
+            for layer, cache in zip(self.layers, state.layers):
+                cache.cross_key, cache.cross_value = layer.cross_attention.project_key_value(memory)
+        return state
+
+    def step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """tokens (b, n) continuing the cached prefix -> logits (b, n, v); extends the cache."""
+        x = self.positions(self.embedding(tokens), offset=state.length)
+        for layer, cache in zip(self.layers, state.layers):
+            x = layer(x, None, state.memory_mask, cache)
+        state.length += tokens.shape[1]
+        return self.logits(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Final hidden states (b, t, m) -> logits (b, t, v)."""
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.output_projection is not None:
+            return self.output_projection(x)
+        return F.linear(x, self.embedding.weight)
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer, section 3 and figure 1.
 
@@ -358,30 +460,29 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"share_embeddings needs one vocabulary, got {src_vocab_size} and {tgt_vocab_size}"
             )
-        c = config
         self.config = config
-        self.target_embedding = TokenEmbedding(tgt_vocab_size, c.d_model)
+        shape, d_model = LayerShape.of(config), config.d_model
+        self.target_embedding = TokenEmbedding(tgt_vocab_size, d_model)
         self.source_embedding = (
             self.target_embedding
-            if c.share_embeddings
-            else TokenEmbedding(src_vocab_size, c.d_model)
+            if config.share_embeddings
+            else TokenEmbedding(src_vocab_size, d_model)
         )
-        self.source_positions = PositionalEncoding(
-            c.positions, c.max_positions, c.d_model, c.dropout
+        positions = config.positions, config.max_positions, d_model, config.dropout
+        self.source_positions = PositionalEncoding(*positions)
+        self.target_positions = PositionalEncoding(*positions)
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(shape) for _ in range(config.n_encoder_layers)
         )
-        self.target_positions = PositionalEncoding(
-            c.positions, c.max_positions, c.d_model, c.dropout
-        )
-        self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
-        self.decoder_layers = nn.ModuleList(
-            DecoderLayer(c, cross_attention=True) for _ in range(c.n_decoder_layers)
-        )
-        # Pre-norm leaves the last residual sum unnormalised, so each stack ends with a LayerNorm.
-        self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
-        self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
-        self.output_projection = None
-        if not c.tie_output:
-            self.output_projection = nn.Linear(c.d_model, tgt_vocab_size, bias=False)
+        decoder = DecoderStack(
+            self.target_embedding, self.target_positions, shape, config.n_decoder_layers,
+            True, tgt_vocab_size, config.tie_output,
+        )  # fmt: skip
+        self.decoder_layers = decoder.layers
+        self.encoder_norm = shape.final_norm()
+        self.decoder_norm = decoder.norm
+        self.output_projection = decoder.output_projection
+        object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
         _init_linear_layers(self)
 
     def encode(self, src: Tensor, record: AttentionRecord | None = None) -> EncoderOutput:
@@ -405,10 +506,7 @@ class Transformer(nn.Module):
         Targets are right-padded, so causal masking alone keeps real positions off the padding.
         A ``record`` receives each layer's self- (b, h, t, t) and cross-attention (b, h, t, s).
         """
-        x = self.target_positions(self.target_embedding(tgt_in))
-        for layer in self.decoder_layers:
-            x = layer(x, encoded.memory, encoded.memory_mask, record=record)
-        return self._logits(x)
+        return self.decoder(tgt_in, encoded.memory, encoded.memory_mask, record)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (b, s), tgt_in (b, t) -> logits (b, t, v)."""
@@ -416,27 +514,11 @@ class Transformer(nn.Module):
 
     def start_decoding(self, encoded: EncoderOutput) -> DecoderState:
         """A fresh cache holding each layer's cross-attention keys/values, computed once per source."""
-        state = DecoderState([LayerCache() for _ in self.decoder_layers], encoded.memory_mask)
-        for layer, cache in zip(self.decoder_layers, state.layers):
-            cache.cross_key, cache.cross_value = layer.cross_attention.project_key_value(
-                encoded.memory
-            )
-        return state
+        return self.decoder.start(encoded.memory, encoded.memory_mask)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """tokens (b, n) continuing the cached prefix -> logits (b, n, v); extends the cache."""
-        x = self.target_positions(self.target_embedding(tokens), offset=state.length)
-        for layer, cache in zip(self.decoder_layers, state.layers):
-            x = layer(x, None, state.memory_mask, cache)
-        state.length += tokens.shape[1]
-        return self._logits(x)
-
-    def _logits(self, x: Tensor) -> Tensor:
-        if self.decoder_norm is not None:
-            x = self.decoder_norm(x)
-        if self.output_projection is not None:
-            return self.output_projection(x)
-        return F.linear(x, self.target_embedding.weight)
+        return self.decoder.step(tokens, state)
 
 
 class GPT(nn.Module):
@@ -444,37 +526,34 @@ class GPT(nn.Module):
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
-        c = config
         self.config = config
-        self.token_embedding = TokenEmbedding(vocab_size, c.d_model)
-        self.positions = PositionalEncoding(c.positions, c.max_positions, c.d_model, c.dropout)
-        self.layers = nn.ModuleList(
-            DecoderLayer(c, cross_attention=False) for _ in range(c.n_decoder_layers)
+        d_model = config.d_model
+        self.token_embedding = TokenEmbedding(vocab_size, d_model)
+        self.positions = PositionalEncoding(
+            config.positions, config.max_positions, d_model, config.dropout
         )
-        self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
-        self.output_projection = None
-        if not c.tie_output:
-            self.output_projection = nn.Linear(c.d_model, vocab_size, bias=False)
+        decoder = DecoderStack(
+            self.token_embedding, self.positions, LayerShape.of(config), config.n_decoder_layers,
+            False, vocab_size, config.tie_output,
+        )  # fmt: skip
+        self.layers = decoder.layers
+        self.final_norm = decoder.norm
+        self.output_projection = decoder.output_projection
+        object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
         _init_linear_layers(self)
 
     def forward(self, tokens: Tensor, record: AttentionRecord | None = None) -> Tensor:
         """tokens (b, t) -> next-token logits (b, t, v); a ``record`` receives each layer's
         causal self-attention probabilities (b, h, t, t)."""
-        x = self.positions(self.token_embedding(tokens))
-        for layer in self.layers:
-            x = layer(x, record=record)
-        return self._logits(x)
+        return self.decoder(tokens, record=record)
 
-    def start_decoding(self, batch_size: int, device: torch.device | str) -> DecoderState:
-        return DecoderState([LayerCache() for _ in self.layers])
+    def start_decoding(self) -> DecoderState:
+        """A fresh, empty cache (it grows to the batch of the first :meth:`decode_step`)."""
+        return self.decoder.start()
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """tokens (b, n) continuing the cached prefix -> logits (b, n, v); extends the cache."""
-        x = self.positions(self.token_embedding(tokens), offset=state.length)
-        for layer, cache in zip(self.layers, state.layers):
-            x = layer(x, cache=cache)
-        state.length += tokens.shape[1]
-        return self._logits(x)
+        return self.decoder.step(tokens, state)
 
     @torch.inference_mode()
     def generate(
@@ -538,13 +617,6 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
         return out if tokens.dim() == 2 else out[0]
-
-    def _logits(self, x: Tensor) -> Tensor:
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        if self.output_projection is not None:
-            return self.output_projection(x)
-        return F.linear(x, self.token_embedding.weight)
 
 
 class Bigram(nn.Module):

@@ -89,7 +89,7 @@ class GPTDecoder:
 
     def __init__(self, model: torch.nn.Module, prompt: Tensor):
         self.model = model
-        self.state = model.start_decoding(prompt.size(0), prompt.device)
+        self.state = model.start_decoding()
         if prompt.size(1) > 1:
             model.decode_step(prompt[:, :-1], self.state)
 

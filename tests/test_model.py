@@ -240,8 +240,16 @@ def test_gpt_is_causal():
     tokens = torch.randint(4, 50, (2, 10))
     changed = tokens.clone()
     changed[:, 6:] = torch.randint(4, 50, (2, 4))
+    past = tokens.clone()
+    past[:, 2] = torch.where(tokens[:, 2] == 4, 5, 4)  # another token at position 2 only
     with torch.no_grad():
-        assert torch.allclose(model(tokens)[:, :6], model(changed)[:, :6], atol=1e-6)
+        reference = model(tokens)
+        assert torch.allclose(reference[:, :6], model(changed)[:, :6], atol=1e-6)
+        seen = model(past)
+    # A model that ignored its input (or all but the last token) would pass the check above.
+    assert torch.allclose(reference[:, :2], seen[:, :2], atol=1e-6)
+    for position in range(2, 10):
+        assert not torch.allclose(reference[:, position], seen[:, position], atol=1e-4), position
 
 
 def test_pad_content_never_changes_real_outputs():
@@ -322,12 +330,12 @@ def test_gpt_cached_decoding_and_reorder():
     tokens = torch.randint(4, 50, (3, 9))
     with torch.no_grad():
         full = model(tokens)
-        state = model.start_decoding(3, "cpu")
+        state = model.start_decoding()
         parts = [model.decode_step(tokens[:, :5], state)]
         parts += [model.decode_step(tokens[:, i : i + 1], state) for i in range(5, 9)]
         assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
         order = torch.tensor([1, 1, 2])
-        state = model.start_decoding(3, "cpu")
+        state = model.start_decoding()
         model.decode_step(tokens[:, :6], state)
         state.reorder(order)
         continued = torch.cat(
@@ -342,13 +350,36 @@ def test_positions_beyond_maximum_raise():
         model(torch.randint(4, 50, (1, 9)))
 
 
-def test_every_preset_builds_a_model():
+def _expected_parameters(c: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the paper's layers counted by hand (biases on every linear layer, two per
+    LayerNorm); shared embeddings and a tied output count once."""
+    d, ff = c.d_model, c.d_ff
+    attention, feed_forward, norm = 4 * (d * d + d), d * ff + ff + ff * d + d, 2 * d
+    total = vocab_size * d  # target embedding (= source embedding = output projection)
+    positions = c.max_positions * d if c.positions == "learned" else 0
+    decoder_layer = attention + feed_forward + 2 * norm
+    if c.arch == "transformer":
+        decoder_layer += attention + norm  # cross-attention
+        total += c.n_encoder_layers * (attention + feed_forward + 2 * norm) + positions
+        total += 0 if c.share_embeddings else vocab_size * d
+    total += c.n_decoder_layers * decoder_layer + positions
+    total += 0 if c.tie_output else vocab_size * d
+    final_norms = 1 if c.arch == "gpt" else 2
+    return total + (final_norms * norm if c.norm_first else 0)
+
+
+def test_every_preset_has_the_parameters_its_layers_add_up_to():
     for name, values in PRESETS.items():
         config = ModelConfig(preset=name, **values)
         config.validate()
         with torch.device("meta"):
             model = build_model(config, 1000, 1000)
         assert isinstance(model, GPT if config.arch == "gpt" else Transformer)
+        assert count_parameters(model) == _expected_parameters(config, 1000), name
+    # A published figure: GPT-2 small (byte-level BPE of 50,257 tokens) has 124,439,808.
+    with torch.device("meta"):
+        gpt2 = build_model(ModelConfig(preset="gpt2_small", **PRESETS["gpt2_small"]), 0, 50257)
+    assert count_parameters(gpt2) == 124_439_808
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])

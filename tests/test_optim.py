@@ -17,11 +17,17 @@ from seq2seq.optim import (
 )
 
 
-@pytest.mark.parametrize("step", [1, 10, 399, 400, 401, 4000, 100_000])
-def test_noam_formula(step):
+def test_noam_rises_linearly_then_decays_as_inverse_sqrt():
     d_model, warmup = 512, 400
-    expected = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
-    assert noam(step, d_model, warmup) == pytest.approx(expected, rel=1e-12)
+    peak = d_model**-0.5 * warmup**-0.5  # the value at the end of warmup (paper, eq. 3)
+    assert noam(warmup, d_model, warmup) == pytest.approx(peak, rel=1e-12)
+    for step in (1, 10, 100, 200):  # warmup: proportional to the step
+        assert noam(step, d_model, warmup) == pytest.approx(peak * step / warmup, rel=1e-12)
+        assert noam(2 * step, d_model, warmup) == pytest.approx(2 * noam(step, d_model, warmup))
+    for step in (400, 401, 4000, 100_000):  # afterwards: proportional to step^-0.5
+        assert noam(step, d_model, warmup) == pytest.approx(peak * (warmup / step) ** 0.5)
+        assert noam(4 * step, d_model, warmup) == pytest.approx(noam(step, d_model, warmup) / 2)
+    assert noam(warmup, 4 * d_model, warmup) == pytest.approx(peak / 2)  # and to d_model^-0.5
 
 
 def test_noam_peaks_at_warmup():

@@ -81,9 +81,17 @@ def test_recipes_exist_and_are_strict_bash():
 
 
 def test_every_recipe_config_exists_and_loads():
+    assert RECIPE_SCRIPTS
+    named = set()
     for path in RECIPE_SCRIPTS:
-        for name in re.findall(r"configs/(\w+)\.yaml", path.read_text()):
-            load_config(RECIPES / "configs" / f"{name}.yaml")
+        names = re.findall(r"configs/(\w+)\.yaml", path.read_text())
+        assert names, f"{path}: names no config"  # the pattern still finds what it should
+        for name in names:
+            config = load_config(RECIPES / "configs" / f"{name}.yaml")
+            assert config.train.out_dir and config.data.path, name
+        named.update(names)
+    shipped = {path.stem for path in (RECIPES / "configs").glob("*.yaml")}
+    assert named <= shipped and "multi30k" in named
 
 
 STAGE_SCRIPT = """

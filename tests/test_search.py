@@ -25,13 +25,7 @@ A, B = 4, 5  # the two "word" tokens of the scripted vocabulary (0-3 are special
 VOCAB = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models decode many small steps; extra threads only add overhead on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 class ScriptedDecoder:
