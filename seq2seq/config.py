@@ -188,7 +188,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     deterministic: bool = False
-    log_every: int = 100
+    log_every: int = 100  # updates between progress lines; a line also comes after 30 s of silence
     eval_every: int = 1000  # updates; 0 = at the end of each epoch
     eval_bleu: bool = False
     eval_bleu_sentences: int = 200

@@ -94,8 +94,8 @@ def attention_kernel(q: Tensor, n_keys: int) -> str:
     ============================  =====  ====  ========
 
     With native bf16 the three plain matmul/softmax ops win (AMX runs the matmuls at full speed);
-    without it every bf16 matmul falls to a reference kernel, and the math backend, which does
-    fewer of them in bf16, is the least bad. In fp32 and for inference flash is kept.
+    without it every explicit bf16 matmul falls to a reference kernel, and the math backend (which,
+    by its timing, avoids that kernel) is the fastest. In fp32 and for inference flash is kept.
     """
     low_precision = torch.is_autocast_enabled("cpu") or q.dtype != torch.float32
     if q.device.type != "cpu" or not torch.is_grad_enabled() or not low_precision:
