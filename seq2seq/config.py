@@ -10,6 +10,7 @@ its values are applied first, and any key given explicitly wins over the preset.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +247,13 @@ class DecodeConfig:
             raise ConfigError("decode.beam_size must be >= 1 and 1 <= decode.nbest <= beam_size")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("decode.top_p must lie in (0, 1]")
+        for name in ("length_penalty", "max_len_a", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(
+                    f"decode.{name} must be a finite number, got {getattr(self, name)}"
+                )
+        if self.max_len_b < 0 or self.temperature < 0:
+            raise ConfigError("decode.max_len_b and decode.temperature must be >= 0")
 
 
 @dataclass(frozen=True)

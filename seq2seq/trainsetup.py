@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from seq2seq import distributed, rundir
 from seq2seq.checkpoint import (
+    TRAINER_STATE_KEYS,
     find_resume_checkpoint,
     load_trainer_state,
     load_weights,
@@ -113,7 +114,11 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     tokenizer = Tokenizer.load(prepared / "tokenizer")
     if not info.is_main:  # rank 0 chose and checked; the same files give the others the same
         resume_dir = find_resume_checkpoint(out_dir)
-        resume = None if resume_dir is None else (resume_dir, load_trainer_state(resume_dir))
+        resume = (
+            None
+            if resume_dir is None
+            else (resume_dir, load_trainer_state(resume_dir, required=TRAINER_STATE_KEYS))
+        )
     vocab_sizes = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
     run = build_run(config, info, *vocab_sizes, resume, precision)
     run.log(f"model: {count_parameters(run.model):,} parameters on {device} x{info.world_size}")

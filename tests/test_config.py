@@ -90,3 +90,27 @@ def test_precision_defaults_to_auto_and_save_keeps_a_comment(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert f"  precision: auto  # {note}\n" in text
     assert load_config(tmp_path / "config.yaml") == config  # the comment is only a comment
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "decode.length_penalty=nan",
+        "decode.max_len_a=inf",
+        "decode.temperature=-1",
+        "decode.max_len_b=-2",
+    ],
+)
+def test_decode_settings_must_be_finite_and_non_negative(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict_with([override])
+
+
+def config_from_dict_with(overrides):
+    from seq2seq.config import _apply_override, config_from_dict
+
+    raw: dict = {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
