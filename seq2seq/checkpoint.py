@@ -414,6 +414,21 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- averaging
 
 
+def _run_identity(directory: Path) -> dict[str, Any]:
+    """What checkpoints must share to be averaged: the model and data settings (dotted keys) and
+    the tokenizer files' contents."""
+    config = load_config_file(directory).to_dict()
+    identity: dict[str, Any] = {
+        f"{section}.{key}": value
+        for section in ("model", "data")
+        for key, value in config[section].items()
+    }
+    for name in regular_files(directory):
+        if name.startswith(f"{TOKENIZER}/"):
+            identity[name] = sha256_file(directory / name)
+    return identity
+
+
 def average_checkpoints(
     directories: Sequence[str | Path], out_dir: str | Path, replace: bool = False
 ) -> Path:
@@ -441,8 +456,20 @@ def average_checkpoints(
         out = check_new_output(out_dir, directories, "--out")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
+    reference: dict[str, Any] | None = None
     for directory in directories:
         verify_checksums(directory)
+        identity = _run_identity(directory)
+        if reference is None:
+            reference = identity
+        elif identity != reference:
+            differing = sorted(
+                k for k in reference.keys() | identity.keys() if reference.get(k) != identity.get(k)
+            )
+            raise CheckpointError(
+                f"{directory}: differs from {directories[0]} in {', '.join(differing[:5])}: "
+                "average only checkpoints of one model and tokenizer"
+            )
         try:
             weights = load_file(str(directory / WEIGHTS))
         except (OSError, SafetensorError) as error:

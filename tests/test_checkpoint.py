@@ -255,3 +255,18 @@ def test_newer_format_version_is_refused(tmp_path):
     )
     with pytest.raises(CheckpointError, match="config.yaml: format_version 99 is newer"):
         checkpoint.load_config_file(directory)
+
+
+def test_average_refuses_checkpoints_of_different_models_or_tokenizers(tmp_path):
+    """Same tensor shapes are not enough: 2 vs 4 heads, or another vocabulary of the same size."""
+    config = _config()
+    first = save_checkpoint(tmp_path / "a", _model(config), config, _tokenizer())
+    four_heads = _config(n_heads=4)
+    other = save_checkpoint(tmp_path / "b", _model(four_heads), four_heads, _tokenizer())
+    with pytest.raises(CheckpointError, match="model.n_heads"):
+        average_checkpoints([first, other], tmp_path / "avg")
+    letters = Tokenizer("char", CharVocab("ijklmnop "))  # same size, other pieces
+    relabelled = save_checkpoint(tmp_path / "c", _model(config), config, letters)
+    with pytest.raises(CheckpointError, match="tokenizer/"):
+        average_checkpoints([first, relabelled], tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()
