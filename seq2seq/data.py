@@ -22,7 +22,6 @@ vocabulary, so a corrupt file is a :class:`DataError` naming it, never an ``Inde
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from seq2seq.textio import sha256_file
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 MANIFEST = "manifest.json"
@@ -59,13 +59,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256 = sha256_file  # prepare.py and the manifest checks call it by this name
 
 
 def _open_split(directory: Path, split: str, verify: bool) -> tuple[np.dtype, dict[str, int]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
+
+from seq2seq.textio import sha256_file
 
 CHECKSUMS = "checksums.json"
 PAUSE_MID_WRITE = "SEQ2SEQ_TEST_PAUSE_MID_WRITE"
@@ -151,14 +152,6 @@ def regular_files(root: Path) -> list[str]:
                 raise CheckpointError(f"{path}: not a regular file (refused in a model directory)")
             names.append(path.relative_to(root).as_posix())
     return sorted(name for name in names if name != CHECKSUMS)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

@@ -20,12 +20,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 SOURCES = ["hello world", "", "a dog runs.", "   ", "two men, one boat!", "ab"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_translation_dir(directory: Path, max_positions: int = 32) -> Path:

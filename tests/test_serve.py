@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from test_api import tiny_gpt_dir, tiny_translation_dir
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
@@ -35,12 +34,7 @@ MAX_BODY = 20_000
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
