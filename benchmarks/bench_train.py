@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from seq2seq import distributed, train  # noqa: E402
-from seq2seq.config import ModelConfig, load_config  # noqa: E402
+from seq2seq.config import PRESETS, ModelConfig, load_config  # noqa: E402
 from seq2seq.data import Batch, TokenizedCorpus, batch_indices, collate  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.hardware import resolve_precision  # noqa: E402
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         for requested in args.precisions.split(","):
             # "auto" runs what the library resolves on this CPU (bf16 only where it is native);
             # HF gets the same precision, so the ratio compares like with like.
-            precision = resolve_precision(requested, "cpu").precision
+            width = ModelConfig(**PRESETS[name]).d_model
+            precision = resolve_precision(requested, "cpu", width).precision
             label = f"auto -> {precision}" if requested == "auto" else precision
             best: dict[str, dict[str, Any]] = {}
             for repeat in range(args.repeats):

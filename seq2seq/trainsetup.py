@@ -99,7 +99,7 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     """Check the settings, prepare the data, build model/optimizer/corpora and resume if possible."""
     tc, device = config.train, info.device
     check_settings(config, device)
-    precision = resolve_train_precision(tc, device)
+    precision = resolve_train_precision(tc, device, config.model.d_model)
     described = precision.describe(tc.precision)
     seed_everything(tc.seed + info.rank)
     out_dir = Path(tc.out_dir)
@@ -145,7 +145,7 @@ def build_run(
     model.to(device)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, config.model.d_model, tc.max_steps)
-    precision = precision or resolve_train_precision(tc, device)
+    precision = precision or resolve_train_precision(tc, device, config.model.d_model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")
     generator = torch.Generator().manual_seed(tc.seed + info.rank)
     parts = model, model, model, optimizer, scheduler, scaler, generator, precision
@@ -160,14 +160,17 @@ def build_run(
     return run
 
 
-def resolve_train_precision(tc: TrainConfig, device: torch.device) -> PrecisionChoice:
-    """``train.precision`` on ``device`` (see :func:`seq2seq.hardware.resolve_precision`).
+def resolve_train_precision(
+    tc: TrainConfig, device: torch.device, d_model: int | None = None
+) -> PrecisionChoice:
+    """``train.precision`` for a model of width ``d_model`` on ``device`` (see
+    :func:`seq2seq.hardware.resolve_precision`).
 
     Raises:
         ConfigError: a precision the device cannot run (fp16 on a CPU).
     """
     try:
-        return resolve_precision(tc.precision, device)
+        return resolve_precision(tc.precision, device, d_model)
     except ValueError as error:
         raise ConfigError(f"train.precision={tc.precision}: {error}") from None
 

@@ -129,3 +129,14 @@ def test_auto_and_cpu_devices():
     assert hardware.resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert hardware.resolve_device("auto").type == expected
+
+
+def test_auto_keeps_fp32_for_narrow_models_even_with_native_bf16(monkeypatch):
+    """Measured: at d_model 128 fp32 trained 1.33x the updates of bf16 on AMX; at 256 bf16 won."""
+    monkeypatch.setattr(hardware, "cpu_class", lambda: "amx")
+    narrow = hardware.resolve_precision("auto", "cpu", d_model=128)
+    assert narrow.precision == "fp32" and "d_model 128 < 256" in narrow.reason
+    assert hardware.resolve_precision("auto", "cpu", d_model=256).precision == "bf16"
+    assert hardware.resolve_precision("bf16", "cpu", d_model=128).precision == "bf16"  # explicit
+    monkeypatch.setattr(hardware, "cpu_class", lambda: "avx2")
+    assert hardware.resolve_precision("auto", "cpu", d_model=1024).precision == "fp32"

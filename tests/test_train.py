@@ -199,7 +199,7 @@ def test_precision_auto_is_resolved_printed_and_noted_in_the_run_config(
     config = _config(tmp_path / "auto", prepared, corpus, max_steps=1, device="cpu")
     assert config.train.precision == "auto"
     train_module.train(config)
-    choice = resolve_precision("auto", "cpu")
+    choice = resolve_precision("auto", "cpu", config.model.d_model)
     line = choice.describe("auto")
     assert (
         line.startswith(f"precision: auto -> {choice.precision} (")
