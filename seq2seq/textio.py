@@ -28,6 +28,7 @@ def iter_lines(
     *,
     error: type[Exception] = ValueError,
     replace_invalid: bool = False,
+    hint: str = "",
 ) -> Iterator[str]:
     """Decode a UTF-8 file (plain or ``.gz``) or byte stream line by line, without line breaks.
 
@@ -36,6 +37,7 @@ def iter_lines(
         name: what messages call the source (default: the path).
         error: the exception class raised, so that each command keeps its own error type.
         replace_invalid: decode bad bytes as U+FFFD instead of raising.
+        hint: appended to the invalid-UTF-8 message (what the user can do about it).
 
     Raises:
         error: invalid UTF-8 (naming ``name:line``) or an unreadable file.
@@ -56,7 +58,8 @@ def iter_lines(
                     line = raw.decode("utf-8", errors="replace" if replace_invalid else "strict")
                 except UnicodeDecodeError as bad:
                     raise error(
-                        f"{name}:{number}: invalid UTF-8 ({bad.reason} at byte {bad.start})"
+                        f"{name}:{number}: invalid UTF-8 at byte {bad.start} of the line "
+                        f"({bad.reason}){hint}"
                     ) from None
                 yield line.removeprefix("\ufeff") if number == 1 else line
     except (OSError, EOFError, zlib.error) as failure:

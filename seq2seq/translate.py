@@ -77,11 +77,11 @@ from seq2seq.search import (
     greedy,
     sample,
 )
+from seq2seq.textio import LINE_BREAKS, iter_lines
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 CHUNK_LINES = 10_000
 # Everything str.splitlines() treats as a line boundary, mapped to a space.
-_LINE_BREAKS = str.maketrans(dict.fromkeys("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
 
 
 class TranslateError(ValueError):
@@ -342,28 +342,23 @@ def autocast_dtype(bf16: bool, dtype: torch.dtype | None) -> torch.dtype | None:
 
 def clean_line(text: str) -> str:
     """``text`` on one line: every line-break character becomes a space."""
-    return text.translate(_LINE_BREAKS)
+    return text.translate(LINE_BREAKS)
 
 
 def read_utf8_lines(stream: BinaryIO, name: str, replace_invalid: bool = False) -> Iterator[str]:
-    """Decode a byte stream line by line (split on ``\\n`` only; ``\\r\\n`` and a leading BOM
-    are dropped).
+    """Decode a byte stream line by line as it arrives (``seq2seq.textio.iter_lines``).
 
     Raises:
         TranslateError: invalid UTF-8, naming ``name`` and the 1-based line, unless
             ``replace_invalid`` (then U+FFFD replaces the bad bytes).
     """
-    for number, raw in enumerate(stream, start=1):
-        raw = raw[:-1] if raw.endswith(b"\n") else raw
-        raw = raw[:-1] if raw.endswith(b"\r") else raw
-        try:
-            line = raw.decode("utf-8", errors="replace" if replace_invalid else "strict")
-        except UnicodeDecodeError as error:
-            raise TranslateError(
-                f"{name}:{number}: invalid UTF-8 at byte {error.start} of the line; "
-                "fix the input or pass --replace-invalid"
-            ) from error
-        yield line.removeprefix("\ufeff") if number == 1 else line
+    return iter_lines(
+        stream,
+        name,
+        error=TranslateError,
+        replace_invalid=replace_invalid,
+        hint="; fix the input or pass --replace-invalid",
+    )
 
 
 # ------------------------------------------------------------------------------------- CLI
