@@ -19,7 +19,7 @@ settings, ``--beam`` to change the width). A GPT model gives the ``decoder`` kin
 self-attention over the prompt's pieces (its last ``max_positions`` pieces if longer).
 
 The probabilities are softmax(Q K^T / sqrt(d)) recomputed beside the model's fused attention
-(:func:`seq2seq.model.attention_probabilities`), so asking for them changes no output.
+(:func:`seq2seq.layers.attention_probabilities`), so asking for them changes no output.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from torch import Tensor
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
-from seq2seq.model import GPT, AttentionRecord, Transformer
+from seq2seq.layers import AttentionRecord
+from seq2seq.model import GPT, Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID, UNK_ID, CharVocab, Tokenizer
 
 SPECIAL_LABELS = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}

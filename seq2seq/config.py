@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from seq2seq.yamlconfig import ConfigError, apply_override, build, check_choice, to_plain
+from seq2seq.yamlconfig import replace as replace  # edited configs are built through seq2seq.config
 
 FORMAT_VERSION = 2  # 2: batching and preparation settings left the data section (see migrate)
 
@@ -30,10 +31,6 @@ _MOVED_FROM_DATA = {
     "prepared_dir": ("prepare", "out_dir"),
     "num_workers": ("prepare", "num_workers"),
 }
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or inconsistent; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +56,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
 
     def validate(self) -> None:
-        _check_choice("model.arch", self.arch, ("transformer", "gpt", "bigram"))
-        _check_choice("model.activation", self.activation, ("relu", "gelu"))
-        _check_choice("model.positions", self.positions, ("sinusoidal", "learned"))
+        check_choice("model.arch", self.arch, ("transformer", "gpt", "bigram"))
+        check_choice("model.activation", self.activation, ("relu", "gelu"))
+        check_choice("model.positions", self.positions, ("sinusoidal", "learned"))
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
@@ -118,8 +115,8 @@ class DataConfig:
     valid_fraction: float = 0.1  # language modelling: the held-out tail of the text
 
     def validate(self) -> None:
-        _check_choice("data.format", self.format, ("text", "tsv", "jsonl", "hf", "lm"))
-        _check_choice("data.tokenizer", self.tokenizer, ("bpe", "unigram", "char"))
+        check_choice("data.format", self.format, ("text", "tsv", "jsonl", "hf", "lm"))
+        check_choice("data.tokenizer", self.tokenizer, ("bpe", "unigram", "char"))
         if self.format == "jsonl" and not (self.src_field and self.tgt_field):
             raise ConfigError("data.format=jsonl needs data.src_field and data.tgt_field")
         if self.format == "hf" and not (self.src_field and self.tgt_field):
@@ -204,12 +201,12 @@ class TrainConfig:
     allow_config_change: bool = False  # resume although the checkpoint's config differs
 
     def validate(self) -> None:
-        _check_choice(
+        check_choice(
             "train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "cosine", "constant")
         )
-        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _check_choice("train.best_metric", self.best_metric, ("valid_loss", "bleu"))
-        _check_choice("train.resume", self.resume, ("auto", "must", "never"))
+        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_choice("train.best_metric", self.best_metric, ("valid_loss", "bleu"))
+        check_choice("train.resume", self.resume, ("auto", "must", "never"))
         if not self.out_dir.strip():
             raise ConfigError("train.out_dir must not be empty")
         if self.eval_bleu and self.eval_bleu_sentences < 1:
@@ -281,7 +278,7 @@ class RunConfig:
             raise ConfigError("model.share_embeddings=true needs data.joint_vocab=true")
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def prepared_dir(self) -> Path:
         """Directory holding the tokenizer and binarized corpus for this run."""
@@ -343,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for override in overrides or []:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return config_from_dict(raw)
 
 
@@ -362,7 +359,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
         model_raw = {**PRESETS[preset], **model_raw}
     raw["model"] = model_raw
-    config = _build(RunConfig, raw, "")
+    config = build(RunConfig, raw, "")
     config.validate()
     return config
 
@@ -410,115 +407,3 @@ def save_config(
         if comments and key in comments:
             lines[i] = f"{line}  # {' '.join(comments[key].splitlines())}"
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def replace(config: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` for nested configs: ``replace(cfg, train={"max_steps": 5})``."""
-    updates = {}
-    for name, value in changes.items():
-        current = getattr(config, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = replace(current, **value)
-        updates[name] = value
-    return dataclasses.replace(config, **updates)
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form section.key=value")
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:  # absent, or an empty section in the YAML
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: {part!r} is not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{key}: cannot parse value {text!r}: {error}") from error
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{where}: unknown key; known keys: {sorted(fields)}")
-    values = {}
-    for name, value in raw.items():
-        path = f"{prefix}.{name}" if prefix else name
-        values[name] = _coerce(hints[name], value, path)
-    return cls(**values)
-
-
-def _coerce(annotation: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(annotation):
-        if value is None:  # "train:" with nothing under it
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: a section takes settings ({path}.KEY=VALUE), got {value!r}")
-        return _build(annotation, value, path)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(annotation):
-            try:
-                return _coerce(option, value, path)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[-1])
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{path}: expected a list of {len(item_types)} values, got {value!r}")
-        return tuple(
-            _coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))
-        )
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-9" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported config type {annotation!r}")
-
-
-def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}")
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _to_plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(item) for item in value]
-    return value

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from seq2seq.model import Transformer, sinusoidal_positions
+from seq2seq.layers import sinusoidal_positions
+from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentencePieceModel, Tokenizer
 
 if TYPE_CHECKING:

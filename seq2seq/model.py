@@ -1,374 +1,38 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al. 2017) and a decoder-only GPT.
 
-Read top to bottom in the paper's order: attention (section 3.2), feed-forward (3.3), embeddings (3.4),
-positional encoding (3.5), then the layers and stacks (3.1), the encoder-decoder ``Transformer`` and
-the decoder-only ``GPT`` built from the same blocks.
+The blocks (attention, feed-forward, embeddings, positions, the layers) are in
+:mod:`seq2seq.layers`; this module stacks them: the decoder stack both models share, the
+encoder-decoder ``Transformer``, the decoder-only ``GPT`` and the ``Bigram`` baseline.
 
 Shape legend: b batch, s source length, t target length, n new target positions, m model width
 (d_model), h heads, d head width (m / h), v vocabulary.
 
-Masks are boolean with True = may attend (the convention of
-``torch.nn.functional.scaled_dot_product_attention``); padding masks are True at real tokens.
 Defaults follow the paper: post-norm residual blocks, interleaved sinusoids, embeddings scaled by
 sqrt(d_model), output projection tied to the target embedding.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
-from seq2seq.kernels import Dropout, attention
+from seq2seq.layers import (
+    AttentionRecord,
+    DecoderLayer,
+    DecoderState,
+    EncoderLayer,
+    LayerCache,
+    LayerShape,
+    PositionalEncoding,
+    TokenEmbedding,
+    padding_mask,
+)
 from seq2seq.search import GPTDecoder, sample
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
-# --------------------------------------------------------------------------- attention (3.2)
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head scaled dot-product attention, section 3.2.2.
-
-    Keys and values are projected separately from queries so that a decoder can cache them:
-    ``project_key_value`` once per source (cross-attention) or once per new position (self-attention).
-    """
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def project_key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(b, s, m) -> keys and values, each (b, h, s, d)."""
-        key = rearrange(self.k_proj(x), "b s (h d) -> b h s d", h=self.n_heads)
-        value = rearrange(self.v_proj(x), "b s (h d) -> b h s d", h=self.n_heads)
-        return key, value
-
-    def attend(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        record: list[Tensor] | None = None,
-    ) -> Tensor:
-        """query (b, t, m) against cached key/value (b, h, s, d) -> (b, t, m).
-
-        ``mask`` broadcasts to (b, h, t, s), True = may attend. Given a ``record`` list, the
-        attention probabilities (b, h, t, s) are appended to it; the output is computed as always.
-        """
-        q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)
-        if record is not None:
-            record.append(attention_probabilities(q, key, mask, is_causal))
-        dropout = self.dropout if self.training else 0.0
-        attended = attention(q, key, value, mask, dropout, is_causal)
-        return self.out_proj(rearrange(attended, "b h t d -> b t (h d)"))
-
-    def forward(
-        self,
-        query: Tensor,
-        key_value: Tensor,
-        mask: Tensor | None = None,
-        is_causal: bool = False,
-        record: list[Tensor] | None = None,
-    ) -> Tensor:
-        key, value = self.project_key_value(key_value)
-        return self.attend(query, key, value, mask, is_causal, record)
-
-
-def attention_probabilities(q: Tensor, key: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """softmax(Q K^T / sqrt(d)) over keys, (b, h, t, s) in float32, exactly 0 where masked.
-
-    Computed explicitly, beside the fused kernel, only when someone asks to see the weights.
-    """
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), key.float()) / math.sqrt(q.shape[-1])
-    if is_causal:  # SDPA's is_causal aligns the triangle top-left, as causal_mask does
-        scores = scores.masked_fill(~causal_mask(q.shape[2], key.shape[2], q.device), -math.inf)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -math.inf)
-    return torch.softmax(scores, dim=-1)
-
-
-@dataclass
-class AttentionRecord:
-    """Attention probabilities collected by one forward pass that is handed this record: one
-    (b, h, queries, keys) tensor per layer, in layer order, for each kind of attention."""
-
-    encoder: list[Tensor] = field(default_factory=list)
-    decoder: list[Tensor] = field(default_factory=list)  # decoder (or GPT) self-attention
-    cross: list[Tensor] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- feed-forward (3.3)
-
-
-class FeedForward(nn.Module):
-    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2, section 3.3 (GELU as an option)."""
-
-    def __init__(self, d_model: int, d_ff: int, activation_dropout: float, activation: str) -> None:
-        super().__init__()
-        self.linear_in = nn.Linear(d_model, d_ff)
-        self.linear_out = nn.Linear(d_ff, d_model)
-        self.activation = F.relu if activation == "relu" else F.gelu
-        self.dropout = Dropout(activation_dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_out(self.dropout(self.activation(self.linear_in(x))))
-
-
-# --------------------------------------------------------------------------- embeddings (3.4, 3.5)
-
-
-class TokenEmbedding(nn.Module):
-    """Token embedding multiplied by sqrt(d_model), section 3.4; its weight doubles as the output
-    projection when tied."""
-
-    def __init__(self, vocab_size: int, d_model: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
-        self.scale = math.sqrt(d_model)
-        # Tied embeddings receive the output layer's gradient too; this scale keeps logits O(1).
-        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
-        with torch.no_grad():
-            self.weight[PAD_ID].zero_()
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return F.embedding(tokens, self.weight, padding_idx=PAD_ID) * self.scale
-
-
-def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
-    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/m)), PE(pos, 2i+1) = cos(same), interleaved."""
-    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    inverse_frequency = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angles = position * inverse_frequency
-    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
-    return table.float()
-
-
-class PositionalEncoding(nn.Module):
-    """Adds fixed sinusoids (section 3.5) or learned positions, then dropout on the sum."""
-
-    def __init__(self, kind: str, max_positions: int, d_model: int, dropout: float) -> None:
-        super().__init__()
-        self.max_positions = max_positions
-        if kind == "sinusoidal":
-            self.register_buffer("table", sinusoidal_positions(max_positions, d_model), False)
-        else:
-            self.table = nn.Parameter(torch.empty(max_positions, d_model))
-            nn.init.normal_(self.table, mean=0.0, std=0.02)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, embedded: Tensor, offset: int = 0) -> Tensor:
-        """(b, t, m) embeddings of positions offset .. offset + t - 1 -> (b, t, m)."""
-        end = offset + embedded.shape[1]
-        if end > self.max_positions:
-            raise ValueError(
-                f"sequence of {end} positions exceeds model.max_positions={self.max_positions}"
-            )
-        return self.dropout(embedded + self.table[offset:end].to(embedded.dtype))
-
-
-# --------------------------------------------------------------------------- layers (3.1)
-
-
-class Residual(nn.Module):
-    """A sublayer with its residual connection and LayerNorm.
-
-    Post-norm (paper): LayerNorm(x + Dropout(Sublayer(x))). Pre-norm: x + Dropout(Sublayer(LayerNorm(x))).
-    """
-
-    def __init__(self, d_model: int, dropout: float, norm_first: bool, eps: float) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = Dropout(dropout)
-        self.norm_first = norm_first
-
-    def forward(self, x: Tensor, sublayer) -> Tensor:
-        if self.norm_first:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """The sizes and rates every encoder/decoder layer is built from (``ModelConfig``'s subset)."""
-
-    d_model: int
-    n_heads: int
-    d_ff: int
-    dropout: float  # on each sublayer's output, before the residual sum
-    attention_dropout: float
-    activation_dropout: float
-    activation: str  # "relu" | "gelu"
-    norm_first: bool  # pre-norm instead of the paper's post-norm
-    layer_norm_eps: float
-
-    @classmethod
-    def of(cls, config: ModelConfig) -> LayerShape:
-        return cls(
-            config.d_model, config.n_heads, config.d_ff, config.dropout, config.attention_dropout,
-            config.activation_dropout, config.activation, config.norm_first, config.layer_norm_eps,
-        )  # fmt: skip
-
-    def attention(self) -> MultiHeadAttention:
-        return MultiHeadAttention(self.d_model, self.n_heads, self.attention_dropout)
-
-    def feed_forward(self) -> FeedForward:
-        return FeedForward(self.d_model, self.d_ff, self.activation_dropout, self.activation)
-
-    def residual(self) -> Residual:
-        return Residual(self.d_model, self.dropout, self.norm_first, self.layer_norm_eps)
-
-    def final_norm(self) -> nn.LayerNorm | None:
-        """Pre-norm leaves a stack's last residual sum unnormalised, so it ends with a LayerNorm."""
-        return nn.LayerNorm(self.d_model, eps=self.layer_norm_eps) if self.norm_first else None
-
-
-class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each wrapped in a residual block."""
-
-    def __init__(self, shape: LayerShape) -> None:
-        super().__init__()
-        self.self_attention = shape.attention()
-        self.feed_forward = shape.feed_forward()
-        self.self_attention_block = shape.residual()
-        self.feed_forward_block = shape.residual()
-
-    def forward(self, x: Tensor, key_mask: Tensor, record: AttentionRecord | None = None) -> Tensor:
-        """x (b, s, m); key_mask (b, 1, 1, s) -> (b, s, m)."""
-        probs = None if record is None else record.encoder
-        x = self.self_attention_block(
-            x, lambda y: self.self_attention(y, y, key_mask, record=probs)
-        )
-        return self.feed_forward_block(x, self.feed_forward)
-
-
-@dataclass
-class LayerCache:
-    """Keys and values one decoder layer has seen: (b, h, positions, d) each."""
-
-    self_key: Tensor | None = None
-    self_value: Tensor | None = None
-    cross_key: Tensor | None = None
-    cross_value: Tensor | None = None
-
-    def reorder(self, index: Tensor, self_attention_only: bool) -> None:
-        """Keep batch rows ``index``; the cross-attention ones too unless ``self_attention_only``."""
-        if self.self_key is not None:
-            self.self_key = self.self_key.index_select(0, index)
-            self.self_value = self.self_value.index_select(0, index)
-        if self.cross_key is not None and not self_attention_only:
-            self.cross_key = self.cross_key.index_select(0, index)
-            self.cross_value = self.cross_value.index_select(0, index)
-
-
-@dataclass
-class DecoderState:
-    """Everything incremental decoding carries between steps.
-
-    ``length`` counts target positions already decoded. ``memory_mask`` (b, 1, 1, s) is None for GPT.
-    """
-
-    layers: list[LayerCache]
-    memory_mask: Tensor | None = None
-    length: int = 0
-
-    def reorder(self, index: Tensor, self_attention_only: bool = False) -> None:
-        """Keep batch rows ``index`` (b',), in that order: follows beams and drops finished rows.
-
-        With ``self_attention_only`` the cross-attention keys/values and memory mask are left as
-        they are, which is valid when every kept row still belongs to the same source sentence.
-        """
-        if self.memory_mask is not None and not self_attention_only:
-            self.memory_mask = self.memory_mask.index_select(0, index)
-        for cache in self.layers:
-            cache.reorder(index, self_attention_only)
-
-
-class DecoderLayer(nn.Module):
-    """Masked self-attention, optional cross-attention over the encoder output, feed-forward.
-
-    Without cross-attention this is the GPT block.
-    """
-
-    def __init__(self, shape: LayerShape, cross_attention: bool) -> None:
-        super().__init__()
-        self.self_attention = shape.attention()
-        self.self_attention_block = shape.residual()
-        self.cross_attention = None
-        if cross_attention:
-            self.cross_attention = shape.attention()
-            self.cross_attention_block = shape.residual()
-        self.feed_forward = shape.feed_forward()
-        self.feed_forward_block = shape.residual()
-
-    def forward(
-        self,
-        x: Tensor,
-        memory: Tensor | None = None,
-        memory_mask: Tensor | None = None,
-        cache: LayerCache | None = None,
-        record: AttentionRecord | None = None,
-    ) -> Tensor:
-        """x (b, n, m) new target positions; memory (b, s, m); memory_mask (b, 1, 1, s).
-
-        Without a cache, x is the whole target and attention is causal. With one, x continues the
-        cached prefix: its keys and values are appended and it attends to prefix and itself.
-        """
-        self_probs = None if record is None else record.decoder
-        cross_probs = None if record is None else record.cross
-
-        def self_attend(y: Tensor) -> Tensor:
-            key, value = self.self_attention.project_key_value(y)
-            if cache is None:
-                return self.self_attention.attend(y, key, value, None, True, self_probs)
-            past = 0 if cache.self_key is None else cache.self_key.shape[2]
-            if cache.self_key is not None:
-                key = torch.cat([cache.self_key, key], dim=2)
-                value = torch.cat([cache.self_value, value], dim=2)
-            cache.self_key, cache.self_value = key, value
-            mask = None
-            if y.shape[1] > 1:  # several new positions: each sees the prefix and itself
-                mask = causal_mask(y.shape[1], past + y.shape[1], y.device, offset=past)
-            return self.self_attention.attend(y, key, value, mask, False, self_probs)
-
-        def cross_attend(y: Tensor) -> Tensor:
-            if cache is not None and cache.cross_key is not None:
-                key, value = cache.cross_key, cache.cross_value
-            else:
-                key, value = self.cross_attention.project_key_value(memory)
-                if cache is not None:
-                    cache.cross_key, cache.cross_value = key, value
-            return self.cross_attention.attend(y, key, value, memory_mask, False, cross_probs)
-
-        x = self.self_attention_block(x, self_attend)
-        if self.cross_attention is not None:
-            x = self.cross_attention_block(x, cross_attend)
-        return self.feed_forward_block(x, self.feed_forward)
-
-
-def causal_mask(n_queries: int, n_keys: int, device: torch.device, offset: int = 0) -> Tensor:
-    """(n_queries, n_keys) True where query i (at position offset + i) may see key j <= offset + i."""
-    query_position = torch.arange(n_queries, device=device)[:, None] + offset
-    return torch.arange(n_keys, device=device)[None, :] <= query_position
-
-
-def padding_mask(tokens: Tensor) -> Tensor:
-    """(b, s) token ids -> (b, 1, 1, s) True at real tokens, broadcastable over heads and queries."""
-    return rearrange(tokens != PAD_ID, "b s -> b 1 1 s")
-
 
 # --------------------------------------------------------------------------- the models
 

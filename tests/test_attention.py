@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq import model as model_module
+from seq2seq import layers as layers_module
 from seq2seq.attention import (
     CELL_INCHES,
     DPI,
@@ -22,7 +22,8 @@ from seq2seq.attention import (
 )
 from seq2seq.checkpoint import save_checkpoint
 from seq2seq.config import DecodeConfig, ModelConfig, RunConfig, replace
-from seq2seq.model import AttentionRecord, MultiHeadAttention, build_model
+from seq2seq.layers import AttentionRecord, MultiHeadAttention
+from seq2seq.model import build_model
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharVocab, Tokenizer
 from seq2seq.translate import translate_ids
 
@@ -157,7 +158,7 @@ def test_asking_for_maps_changes_no_output(transformer, gpt, tokenizer, monkeypa
         raise AssertionError("attention probabilities computed without being asked for")
 
     # The ordinary path (training, translation) never builds the explicit probabilities.
-    monkeypatch.setattr(model_module, "attention_probabilities", refuse)
+    monkeypatch.setattr(layers_module, "attention_probabilities", refuse)
     with torch.no_grad():
         transformer.decode(tgt_in, transformer.encode(src))
         gpt(tgt_in)

@@ -108,9 +108,10 @@ def test_decode_settings_must_be_finite_and_non_negative(override):
 
 
 def config_from_dict_with(overrides):
-    from seq2seq.config import _apply_override, config_from_dict
+    from seq2seq.config import config_from_dict
+    from seq2seq.yamlconfig import apply_override
 
     raw: dict = {}
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return config_from_dict(raw)

@@ -10,7 +10,8 @@ import torch
 from seq2seq.checkpoint import save_checkpoint
 from seq2seq.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from seq2seq.export import ExportError, main, to_marian, width_permutation
-from seq2seq.model import GPT, Transformer, sinusoidal_positions
+from seq2seq.layers import sinusoidal_positions
+from seq2seq.model import GPT, Transformer
 from seq2seq.search import TransformerDecoder, greedy
 from seq2seq.tokenizer import EOS_ID, PAD_ID, train_tokenizer
 

@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from seq2seq.config import PRESETS, ModelConfig, config_from_dict
-from seq2seq.model import (
-    GPT,
-    Transformer,
-    build_model,
-    count_parameters,
-    padding_mask,
-    sinusoidal_positions,
-)
+from seq2seq.layers import padding_mask, sinusoidal_positions
+from seq2seq.model import GPT, Transformer, build_model, count_parameters
 from seq2seq.tokenizer import BOS_ID, PAD_ID
 
 
@@ -385,7 +379,7 @@ def test_every_preset_has_the_parameters_its_layers_add_up_to():
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
 def test_dropout_keep_rate_and_scaling(p):
     """The 16-bit mask drops a fraction p (to 1/65536) and keeps the expectation unchanged."""
-    from seq2seq.model import Dropout
+    from seq2seq.layers import Dropout
 
     torch.manual_seed(0)
     dropout = Dropout(p).train()
