@@ -49,7 +49,7 @@ run_stage 1 train \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m seq2seq.train \
     "$CONFIG" "${SETTINGS[@]}" train.precision="$PRECISION" "${EXTRA[@]}"
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
+    "$PY" -m seq2seq.average --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" \
     --split test \

@@ -39,7 +39,7 @@ run_stage 1 prepare \
 run_stage 2 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 3 average \
-    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
+    "$PY" -m seq2seq.average --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 4 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" \
     --split test \

@@ -45,7 +45,7 @@ run_stage 0 prepare \
 run_stage 1 train \
     "$PY" -m seq2seq.train "$CONFIG" "${SETTINGS[@]}" train.max_minutes="$MAX_MINUTES" "${EXTRA[@]}"
 run_stage 2 model \
-    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last 1 "$OUT"
+    "$PY" -m seq2seq.average --replace --out "$OUT/model" --last 1 "$OUT"
 run_stage 3 valid-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" --split valid \
     --source "$OUT/valid.txt"
@@ -56,7 +56,7 @@ run_stage 5 sample --stdout "$OUT/sample.txt" \
 run_stage 6 bigram-train \
     "$PY" -m seq2seq.train "$BIGRAM_CONFIG" "${BIGRAM_SETTINGS[@]}" "${BIGRAM_EXTRA[@]}"
 run_stage 7 bigram-model \
-    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/bigram/model" --last 1 "$OUT/bigram"
+    "$PY" -m seq2seq.average --replace --out "$OUT/bigram/model" --last 1 "$OUT/bigram"
 run_stage 8 bigram-perplexity --stdout "$OUT/bigram/scores.json" \
     "$PY" -m seq2seq.evaluate --model "$OUT/bigram/model" --text "$OUT/valid.txt" --json
 run_stage 9 compare --stdout "$OUT/compare.txt" \

@@ -109,7 +109,7 @@ if ((NNODES > 1 && NODE_RANK > 0)); then
     exit 0
 fi
 run_stage 2 average \
-    "$PY" -m seq2seq.checkpoint --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
+    "$PY" -m seq2seq.average --replace --out "$OUT/model" --last "$AVERAGE" "$OUT"
 run_stage 3 test-text \
     "$PY" "$HERE/tools/export_split.py" "$CONFIG" "${SETTINGS[@]}" "${EXTRA[@]}" \
     --split "$TEST_SPLIT" \

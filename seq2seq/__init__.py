@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from seq2seq.api import LanguageModel, Translator
-    from seq2seq.checkpoint import CheckpointError, average_checkpoints, load_model, save_checkpoint
+    from seq2seq.average import average_checkpoints
+    from seq2seq.checkpoint import CheckpointError, load_model, save_checkpoint
     from seq2seq.config import (
         PRESETS,
         ConfigError,
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 _MODULE_OF = {
     "LanguageModel": "seq2seq.api",
     "Translator": "seq2seq.api",
+    "average_checkpoints": "seq2seq.average",
     "CheckpointError": "seq2seq.checkpoint",
-    "average_checkpoints": "seq2seq.checkpoint",
     "load_model": "seq2seq.checkpoint",
     "save_checkpoint": "seq2seq.checkpoint",
     "PRESETS": "seq2seq.config",

@@ -31,7 +31,7 @@ def configure_process() -> None:
 # subcommand -> (module, one-line help). Each module exposes ``main(argv) -> int``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("seq2seq.prepare", "tokenize and binarize a corpus once"),
-    "average": ("seq2seq.checkpoint", "average checkpoints into a model directory"),
+    "average": ("seq2seq.average", "average checkpoints into a model directory"),
     "train": ("seq2seq.train", "train a model from a YAML config with key=value overrides"),
     "translate": ("seq2seq.translate", "translate text line by line with beam search"),
     "sample": ("seq2seq.sample", "generate text from a GPT model directory"),

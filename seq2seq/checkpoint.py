@@ -1,4 +1,4 @@
-"""Self-contained checkpoint directories: atomic writes, checksums, resume lookup, averaging.
+"""Self-contained checkpoint directories: what goes in them, loading them, resume lookup.
 
 A *model directory* holds everything needed to decode, and a *training checkpoint* adds what is
 needed to resume exactly::
@@ -15,25 +15,23 @@ A directory is written under ``<name>.tmp-XXXX`` next to its final place, fsynce
 crash mid-write never leaves a half-written ``<name>``; pruning renames a directory away before
 deleting it, so a kill mid-delete leaves no half-deleted ``step_<n>`` either (such leftovers are
 removed by the next save). A run keeps ``<out_dir>/checkpoints/step_<n>/`` plus the pointer files
-``last`` and ``best`` (each holds a directory name). Weights with a NaN or Inf are never saved, and
+``last`` and ``best`` (each holds a directory name, written atomically by
+:func:`seq2seq.textio.atomic_write_text`). Weights with a NaN or Inf are never saved, and
 ``trainer_state.pt`` is read with ``weights_only=True``, so a planted pickle payload runs no code.
 
 The writing and verifying of whole directories (temp dir + rename, checksums, no symlinks, file
 modes, full-disk messages) lives in :mod:`seq2seq.directory`; this module knows what goes in them.
-
-    seq2seq average --out runs/m30k/avg --last 5 runs/m30k
+Averaging checkpoints into a new model directory (``seq2seq average``) is :mod:`seq2seq.average`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pickle
 import random
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,8 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
@@ -58,25 +55,22 @@ from seq2seq.config import (
     save_config,
 )
 
-# Re-exported, so that the checkpoint API reads as it did before seq2seq.directory took these.
+# Some re-exported, so that the checkpoint API reads as it did before seq2seq.directory took them.
 from seq2seq.directory import (  # noqa: F401
     CHECKSUMS,
-    PAUSE_MID_WRITE,
     CheckpointError,
     CheckpointWriteError,
     check_new_output,
-    fsync_path,
-    regular_files,
-    sha256_file,
+    first_line,
     verify_checksums,
     write_directory,
     writing_to,
 )
 from seq2seq.hardware import resolve_device
 from seq2seq.model import build_model
+from seq2seq.textio import atomic_write_text
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
-_sha256 = sha256_file  # the name tests and tools used before seq2seq.directory took it over
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
@@ -189,12 +183,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
     try:
         load_safetensors_model(unwrap_model(model), str(path), strict=True)
     except (RuntimeError, OSError, SafetensorError) as error:
-        raise CheckpointError(f"{path}: cannot load weights: {_first_line(error)}") from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise CheckpointError(f"{path}: cannot load weights: {first_line(error)}") from error
 
 
 def load_model(
@@ -286,13 +275,12 @@ def load_trainer_state(directory: str | Path, required: Sequence[str] = ()) -> d
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
             f"{path}: refused: holds objects that weights_only=True does not allow (untrusted "
-            f"pickle content, not executed): {first_line}"
+            f"pickle content, not executed): {first_line(error)}"
         ) from error
     except (OSError, RuntimeError, EOFError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: cannot load trainer state: {_first_line(error)}") from error
+        raise CheckpointError(f"{path}: cannot load trainer state: {first_line(error)}") from error
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path}: malformed trainer state: expected a dict, got {type(state).__name__}"
@@ -326,11 +314,7 @@ def read_pointer(out_dir: str | Path, name: str) -> Path | None:
 
 def write_pointer(out_dir: str | Path, name: str, target: Path) -> None:
     """Atomically point ``<out_dir>/checkpoints/<name>`` at ``target`` (a sibling directory)."""
-    pointer = Path(out_dir) / "checkpoints" / name
-    tmp = pointer.with_name(f"{name}.tmp-{os.getpid()}")
-    tmp.write_text(target.name + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, pointer)
+    atomic_write_text(Path(out_dir) / "checkpoints" / name, target.name + "\n")
 
 
 def save_training_checkpoint(
@@ -409,179 +393,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- averaging
-
-
-def _run_identity(directory: Path) -> dict[str, Any]:
-    """What checkpoints must share to be averaged: the model and data settings (dotted keys) and
-    the tokenizer files' contents."""
-    config = load_config_file(directory).to_dict()
-    identity: dict[str, Any] = {
-        f"{section}.{key}": value
-        for section in ("model", "data")
-        for key, value in config[section].items()
-    }
-    for name in regular_files(directory):
-        if name.startswith(f"{TOKENIZER}/"):
-            identity[name] = sha256_file(directory / name)
-    return identity
-
-
-def average_checkpoints(
-    directories: Sequence[str | Path], out_dir: str | Path, replace: bool = False
-) -> Path:
-    """Element-wise mean of several checkpoints' weights, written as a new model directory.
-
-    Accumulates in float32 and casts back to each tensor's stored dtype. Config and tokenizer come
-    from the first directory (exactly the files its checksums verified); no trainer state is
-    written. ``out_dir`` must not exist: it is written beside its final place and renamed there
-    only when complete. With ``replace``, ``out_dir`` may be an earlier average (a verified
-    model directory without trainer state, holding no input), swapped out only once the new one
-    is complete.
-
-    Raises:
-        CheckpointError: no inputs, a corrupt input, inputs with different tensors, or an
-            ``out_dir`` that exists (with ``replace``: that is not an earlier average) or lies
-            inside an input.
-    """
-    directories = [Path(d) for d in directories]
-    if not directories:
-        raise CheckpointError("average: no checkpoint directories given")
-    if replace and os.path.lexists(out_dir):
-        _check_replaceable_average(Path(out_dir), directories)
-        out = Path(out_dir)
-    else:
-        out = check_new_output(out_dir, directories, "--out")
-    total: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    reference: dict[str, Any] | None = None
-    for directory in directories:
-        verify_checksums(directory)
-        identity = _run_identity(directory)
-        if reference is None:
-            reference = identity
-        elif identity != reference:
-            differing = sorted(
-                k for k in reference.keys() | identity.keys() if reference.get(k) != identity.get(k)
-            )
-            raise CheckpointError(
-                f"{directory}: differs from {directories[0]} in {', '.join(differing[:5])}: "
-                "average only checkpoints of one model and tokenizer"
-            )
-        try:
-            weights = load_file(str(directory / WEIGHTS))
-        except (OSError, SafetensorError) as error:
-            raise CheckpointError(
-                f"{directory / WEIGHTS}: cannot load weights: {_first_line(error)}"
-            ) from error
-        if total and (
-            set(weights) != set(total) or any(weights[k].shape != total[k].shape for k in total)
-        ):
-            raise CheckpointError(f"{directory / WEIGHTS}: tensors differ from {directories[0]}")
-        for name, tensor in weights.items():
-            dtypes.setdefault(name, tensor.dtype)
-            if name in total:
-                total[name] += tensor.float()
-            else:
-                total[name] = tensor.float().clone()
-    first = directories[0]
-    with safe_open(str(first / WEIGHTS), framework="pt") as handle:
-        metadata = handle.metadata()
-    averaged = {name: (t / len(directories)).to(dtypes[name]) for name, t in total.items()}
-    copied = [
-        name for name in regular_files(first) if name == CONFIG or name.startswith(f"{TOKENIZER}/")
-    ]
-
-    def write(tmp: Path) -> None:
-        with writing_to(tmp / WEIGHTS):
-            save_file(averaged, str(tmp / WEIGHTS), metadata=metadata)
-        for name in copied:
-            with writing_to(tmp / name):
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(first / name, tmp / name, follow_symlinks=False)
-
-    return write_directory(out, write, replace=replace)
-
-
-def _check_replaceable_average(out: Path, inputs: Sequence[Path]) -> None:
-    """``out`` is what average writes (and nothing more), and holds none of ``inputs``."""
-    why = None
-    if out.name in ("", ".", ".."):
-        why = "name the directory itself, not '.' or '..'"
-    elif out.is_symlink() or not out.is_dir():
-        why = "not a directory"
-    elif (out / TRAINER_STATE).exists() or (out / "checkpoints").exists():
-        why = "a training checkpoint or run directory, not an averaged model"
-    elif any(out.resolve() in (p.resolve(), *p.resolve().parents) for p in inputs):
-        why = "it holds an input"
-    else:
-        try:
-            verify_checksums(out)
-        except CheckpointError as error:
-            why = f"not a verified model directory ({error})"
-    if why:
-        raise CheckpointError(f"--out {out}: --replace refused: {why}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``seq2seq average --out DIR (CKPT_DIR ... | --last K RUN_DIR)``.
-
-    With ``--last K`` and fewer than K checkpoints in RUN_DIR (a run cut short by its time
-    budget), those that exist are averaged and a warning gives the count; none is an error.
-    """
-    parser = argparse.ArgumentParser(
-        prog="seq2seq average", description="Average checkpoint weights into a model directory."
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        help="model directory to create; it must not exist (see --replace)",
-    )
-    parser.add_argument(
-        "--replace",
-        action="store_true",
-        help="let --out be an earlier average (a verified model directory without trainer "
-        "state); it is swapped out only once the new one is complete",
-    )
-    parser.add_argument(
-        "--last",
-        type=int,
-        metavar="K",
-        help="average RUN_DIR's K newest checkpoints (all of them when it has fewer)",
-    )
-    parser.add_argument("paths", nargs="+", help="checkpoint directories, or one RUN_DIR")
-    args = parser.parse_args(argv)
-    if args.last is not None:
-        if args.last < 1:
-            parser.error(f"--last must be at least 1, got {args.last}")
-        if len(args.paths) != 1:
-            parser.error("--last K takes exactly one RUN_DIR")
-        run_dir = Path(args.paths[0])
-        directories = step_dirs(run_dir)[-args.last :]
-        if not directories:
-            parser.error(
-                f"{run_dir}: no checkpoints (no step_<n> directory in {run_dir / 'checkpoints'})"
-            )
-        if len(directories) < args.last:
-            print(
-                f"seq2seq average: warning: {run_dir}: found {len(directories)} checkpoint(s), "
-                f"fewer than --last {args.last}; averaging the {len(directories)} found",
-                file=sys.stderr,
-            )
-    else:
-        directories = [Path(p) for p in args.paths]
-    try:
-        out = average_checkpoints(directories, args.out, replace=args.replace)
-    except CheckpointError as error:
-        print(f"seq2seq average: error: {error}", file=sys.stderr)
-        return 2
-    print(f"averaged {len(directories)} checkpoints -> {out}")
-    for directory in directories:
-        print(f"  {directory}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

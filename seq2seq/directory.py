@@ -7,10 +7,6 @@ umask gives (some writers create theirs 0600). Verification recomputes every dig
 the listing to be complete: an unlisted file, a symlink or a special file anywhere inside is an
 error naming it, so nothing outside the directory is ever read through it. A failed write is a
 :class:`CheckpointWriteError` naming the file, and ENOSPC for a full disk.
-
-Test hook: with ``SEQ2SEQ_TEST_PAUSE_MID_WRITE=<seconds>`` in the environment, every directory write
-prints ``checkpoint: paused mid-write <tmp dir>`` and sleeps after its files are written and before
-the checksums and the rename, so that a test can kill the process at exactly that point.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,7 +26,6 @@ from safetensors import SafetensorError
 from seq2seq.textio import sha256_file
 
 CHECKSUMS = "checksums.json"
-PAUSE_MID_WRITE = "SEQ2SEQ_TEST_PAUSE_MID_WRITE"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Below this many free bytes, a writer's failure is taken to be a full disk: torch.save reports
 # ENOSPC only as "PytorchStreamWriter failed writing file" or "basic_ios::clear ... unexpected pos".
@@ -76,8 +70,14 @@ def _write_failure(path: Path, error: BaseException) -> str:
         or (free is not None and free < _FULL_DISK_BYTES)
     ):
         return f"{path}: cannot write: no space left on device (ENOSPC; {free} bytes free)"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return f"{path}: cannot write: {first_line}"
+    return f"{path}: cannot write: {first_line(error)}"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line
+    errors that quote a library's multi-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _umask() -> int:
@@ -103,18 +103,9 @@ def write_directory(directory: Path, write: Callable[[Path], None], replace: boo
         mask = _umask()
         tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the result should follow the umask
         write(tmp)
-        if os.environ.get(PAUSE_MID_WRITE):
-            print(f"checkpoint: paused mid-write {tmp}", flush=True)
-            time.sleep(float(os.environ[PAUSE_MID_WRITE]))
-        names = regular_files(tmp)
-        for name in names:  # some writers (safetensors) create files 0600 whatever the umask
+        for name in regular_files(tmp):  # some writers (safetensors) create files 0600
             (tmp / name).chmod(0o666 & ~mask)
-        with writing_to(tmp / CHECKSUMS):
-            checksums = {name: sha256_file(tmp / name) for name in names}
-            (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
-            for name in [*checksums, CHECKSUMS]:
-                fsync_path(tmp / name)
-            fsync_path(tmp)
+        add_checksums(tmp)
         if not replace and os.path.lexists(directory):
             raise CheckpointError(f"{directory}: appeared while writing; refusing to replace it")
         old = None
@@ -129,6 +120,23 @@ def write_directory(directory: Path, write: Callable[[Path], None], replace: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def add_checksums(folder: Path) -> None:
+    """Write ``folder/checksums.json`` (the sha256 of every other file) and fsync every file and
+    ``folder`` itself: the last step before a written directory is renamed into place.
+
+    Raises:
+        CheckpointWriteError: the checksum file cannot be written (named, ENOSPC when full).
+        CheckpointError: a symlink or special file inside ``folder``.
+    """
+    names = regular_files(folder)
+    with writing_to(folder / CHECKSUMS):
+        checksums = {name: sha256_file(folder / name) for name in names}
+        (folder / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
+        for name in [*checksums, CHECKSUMS]:
+            fsync_path(folder / name)
+        fsync_path(folder)
 
 
 def regular_files(root: Path) -> list[str]:

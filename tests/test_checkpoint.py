@@ -1,4 +1,4 @@
-"""Checkpoint directories: round trip, atomic writes, checksums, resume lookup, averaging, CLI."""
+"""Checkpoint directories: round trip, atomic writes, checksums, resume; averaging and its CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seq2seq import checkpoint
+from seq2seq import average, checkpoint
+from seq2seq.average import average_checkpoints
 from seq2seq.checkpoint import (
     CheckpointError,
-    average_checkpoints,
     capture_rng_state,
     find_resume_checkpoint,
     load_model,
@@ -171,7 +171,7 @@ def test_average_cli_last_k(tmp_path, capsys):
     models = [_model(config, seed=s) for s in range(3)]
     for step, model in enumerate(models, start=1):
         save_training_checkpoint(out, step * 100, model, config, _tokenizer(), _state(step))
-    assert checkpoint.main(["--out", str(tmp_path / "avg"), "--last", "2", str(out)]) == 0
+    assert average.main(["--out", str(tmp_path / "avg"), "--last", "2", str(out)]) == 0
     captured = capsys.readouterr()
     assert "step_200" in captured.out and "step_100" not in captured.out
     assert captured.err == ""  # K found: no warning
@@ -182,7 +182,7 @@ def test_average_cli_last_k(tmp_path, capsys):
     torch.testing.assert_close(weights[name].detach(), expected, rtol=0, atol=1e-7)
 
     # Fewer than K (a run cut short by its time budget): all of them, with a warning.
-    assert checkpoint.main(["--out", str(tmp_path / "avg5"), "--last", "5", str(out)]) == 0
+    assert average.main(["--out", str(tmp_path / "avg5"), "--last", "5", str(out)]) == 0
     captured = capsys.readouterr()
     assert "averaged 3 checkpoints" in captured.out
     assert (
@@ -202,15 +202,15 @@ def test_average_cli_fails_clearly_without_checkpoints(tmp_path, capsys):
         ["--last", "3", str(tmp_path / "missing")],
     ):
         with pytest.raises(SystemExit) as exit_info:
-            checkpoint.main(["--out", str(tmp_path / "avg"), *argv])
+            average.main(["--out", str(tmp_path / "avg"), *argv])
         assert exit_info.value.code == 2
         assert "no checkpoints" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        checkpoint.main(["--out", str(tmp_path / "avg"), "--last", "0", str(tmp_path / "empty")])
+        average.main(["--out", str(tmp_path / "avg"), "--last", "0", str(tmp_path / "empty")])
     assert "--last must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "avg").exists()
     # a directory that is not a checkpoint: a user error, exit code 2 like the other commands
-    assert checkpoint.main(["--out", str(tmp_path / "avg"), str(tmp_path / "empty")]) == 2
+    assert average.main(["--out", str(tmp_path / "avg"), str(tmp_path / "empty")]) == 2
     assert "seq2seq average: error:" in capsys.readouterr().err
 
 

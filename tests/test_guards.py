@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seq2seq import checkpoint
+from seq2seq import average, checkpoint
 from seq2seq.checkpoint import (
     TRAINER_STATE_KEYS,
     CheckpointError,
@@ -138,7 +138,7 @@ def test_average_refuses_an_out_that_exists_or_is_inside_an_input(
     }[where]
     monkeypatch.chdir(run_dir)
     before = _snapshot(run_dir)
-    code = checkpoint.main(["--out", str(out), str(step_1), str(step_2)])
+    code = average.main(["--out", str(out), str(step_1), str(step_2)])
     assert code == 2
     _one_error_line(capsys.readouterr().err, "average", str(out))
     assert _snapshot(run_dir) == before  # nothing deleted, nothing added
@@ -152,29 +152,29 @@ def test_average_writes_beside_and_renames_only_when_complete(run_dir, tmp_path,
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(average, "save_file", full_disk)
     with pytest.raises(CheckpointError, match=r"avg\.tmp-.*model\.safetensors.*ENOSPC"):
-        checkpoint.average_checkpoints(step_dirs(run_dir), out)
+        average.average_checkpoints(step_dirs(run_dir), out)
     assert not out.exists() and not list(tmp_path.glob("avg.tmp-*"))
     monkeypatch.undo()
-    assert checkpoint.main(["--out", str(out), "--last", "2", str(run_dir)]) == 0
+    assert average.main(["--out", str(out), "--last", "2", str(run_dir)]) == 0
     load_model(out)
 
 
 def test_average_replace_swaps_only_an_earlier_average(run_dir, tmp_path, capsys):
     step_1, step_2 = step_dirs(run_dir)
     out = run_dir / "model"
-    assert checkpoint.main(["--out", str(out), str(step_1)]) == 0
+    assert average.main(["--out", str(out), str(step_1)]) == 0
     first = load_file(str(out / "model.safetensors"))
-    assert checkpoint.main(["--out", str(out), str(step_1), str(step_2)]) == 2  # no --replace
+    assert average.main(["--out", str(out), str(step_1), str(step_2)]) == 2  # no --replace
     capsys.readouterr()
-    assert checkpoint.main(["--replace", "--out", str(out), str(step_1), str(step_2)]) == 0
+    assert average.main(["--replace", "--out", str(out), str(step_1), str(step_2)]) == 0
     second = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
     load_model(out)
     before = _snapshot(run_dir)
     for target in (run_dir, step_1, run_dir / "data"):
-        assert checkpoint.main(["--replace", "--out", str(target), str(step_2)]) == 2
+        assert average.main(["--replace", "--out", str(target), str(step_2)]) == 2
         _one_error_line(capsys.readouterr().err, "average", str(target), "--replace refused")
     assert _snapshot(run_dir) == before
 
@@ -268,7 +268,7 @@ def test_a_symlink_inside_a_model_directory_is_refused(model_dir, tmp_path, caps
     with pytest.raises(CheckpointError, match=re.escape(str(link)) + ": symlink"):
         load_model(directory)
     out = tmp_path / "avg"
-    assert checkpoint.main(["--out", str(out), str(directory)]) == 2
+    assert average.main(["--out", str(out), str(directory)]) == 2
     _one_error_line(capsys.readouterr().err, "average", str(link), "symlink")
     assert not out.exists()
 

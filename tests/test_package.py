@@ -30,7 +30,7 @@ def test_import_seq2seq_loads_no_submodule_and_no_torch():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["seq2seq.translate", "seq2seq.checkpoint", "seq2seq.sample"])
+@pytest.mark.parametrize("module", ["seq2seq.translate", "seq2seq.average", "seq2seq.sample"])
 def test_running_a_module_as_main_gives_no_runtime_warning(module):
     # -W error turns runpy's "found in sys.modules after import of package" warning into a failure
     result = _run(["-m", module, "--help"])

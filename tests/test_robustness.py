@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import seq2seq
 from seq2seq import checkpoint
 from seq2seq import train as train_module
 from seq2seq.checkpoint import (
@@ -36,6 +37,7 @@ from seq2seq.data import TokenizedCorpus
 from seq2seq.model import build_model
 from seq2seq.prepare import main as prepare_main
 from seq2seq.prepare import prepare
+from seq2seq.textio import sha256_file
 from seq2seq.tokenizer import CharVocab, Tokenizer
 from seq2seq.translate import main as translate_main
 from seq2seq.translate import translate_lines
@@ -107,12 +109,35 @@ def _assert_bit_identical(first: dict, second: dict) -> None:
 # ------------------------------------------------------------------ 1. kill -9 and resume exactly
 
 
-class _Training:
-    """``python -m seq2seq train`` in a subprocess, its merged output read line by line."""
+# Run as a script in place of ``python -m seq2seq``: the same command line, except that every
+# directory write announces its temp dir and sleeps once its files are written, before the
+# checksums and the rename, so that the test can SIGKILL it exactly mid-write.
+_PAUSING_LAUNCHER = """\
+import sys, time
+sys.path.insert(0, {root!r})  # the seq2seq this test imported, wherever the script lies
+from seq2seq.__main__ import configure_process, main
+configure_process()
+from seq2seq import directory
+add_checksums = directory.add_checksums
+def paused(folder):
+    print(f"checkpoint: paused mid-write {{folder}}", flush=True)
+    time.sleep(60)
+    add_checksums(folder)
+directory.add_checksums = paused
+sys.exit(main(sys.argv[1:]))
+"""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "seq2seq", "train", str(config_path)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+class _Training:
+    """``python -m seq2seq train`` in a subprocess, its merged output read line by line.
+
+    With ``launcher`` (a script path), that script runs in place of ``-m seq2seq``.
+    """
+
+    def __init__(self, config_path: Path, launcher: Path | None = None) -> None:
+        entry = [str(launcher)] if launcher else ["-m", "seq2seq"]
+        command = [sys.executable, *entry, "train", str(config_path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -174,12 +199,13 @@ def test_killed_training_resumes_bit_identical(task, tmp_path):
     config_path = tmp_path / "run.yaml"
     raw = _raw_config(run, prepared, corpus, max_steps=max_steps, **settings)
     config_path.write_text(yaml.safe_dump(raw))
+    pausing = tmp_path / "pausing_launcher.py"
+    pausing.write_text(_PAUSING_LAUNCHER.format(root=str(Path(seq2seq.__file__).parents[1])))
     rng = random.Random(1234)
     stops = ["KILL", "KILL", "KILL mid-write", "KILL", "TERM", "KILL", "KILL"]
     step = resumes = 0
     for how in stops:
-        pause = {checkpoint.PAUSE_MID_WRITE: "60"} if how == "KILL mid-write" else {}
-        training = _Training(config_path, pause)
+        training = _Training(config_path, pausing if how == "KILL mid-write" else None)
         try:
             if how == "KILL mid-write":
                 tmp_dir = Path(training.wait_for(r"checkpoint: paused mid-write (\S+)").group(1))
@@ -435,7 +461,7 @@ def test_pickle_payload_in_trainer_state_is_refused_and_never_runs(task, tmp_pat
     torch.save({"counters": {"step": 5}, "evil": _Payload(marker)}, state)
     # An attacker who can write the file can rewrite the checksums too.
     sums = json.loads((directory / "checksums.json").read_text())
-    sums["trainer_state.pt"] = checkpoint._sha256(state)
+    sums["trainer_state.pt"] = sha256_file(state)
     (directory / "checksums.json").write_text(json.dumps(sums))
     assert find_resume_checkpoint(run) == directory
 
