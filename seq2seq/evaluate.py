@@ -33,6 +33,8 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF, TER
 from tqdm import tqdm
 
+from seq2seq.textio import iter_lines
+
 METRICS = ("bleu", "chrf", "ter", "rouge")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -185,18 +187,13 @@ def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 file without their line endings."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as error:
-        raise EvaluateError(f"{path}: cannot read: {error.strerror}") from error
-    except UnicodeDecodeError as error:
-        line = Path(path).read_bytes().count(b"\n", 0, error.start) + 1
-        raise EvaluateError(f"{path}:{line}: invalid UTF-8") from error
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    """The lines of a UTF-8 file (plain or ``.gz``) without their line endings, read as every
+    command reads text (:func:`seq2seq.textio.iter_lines`).
+
+    Raises:
+        EvaluateError: an unreadable file, or invalid UTF-8 (naming ``path:line``).
+    """
+    return list(iter_lines(path, error=EvaluateError))
 
 
 def _parser() -> argparse.ArgumentParser:
