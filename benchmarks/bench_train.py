@@ -35,7 +35,6 @@ large square matmul in the run's precision, measured by this script at start-up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -218,8 +217,7 @@ def _profile(step, batches: list[Batch], settings: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="shared data folder (default: $SEQ2SEQ_DATA)")
+    parser = harness.parser(__doc__)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated presets")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32,bf16,auto")
     parser.add_argument("--impls", default=",".join(IMPLS), help="ours,hf")
@@ -229,11 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables")
-    parser.add_argument("--json", help="also write all results to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        _worker(json.loads(args.worker))
+    if harness.ran_as_worker(args, _worker):
         return 0
 
     root = harness.data_root(args.data)
@@ -301,14 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     if rows:
         columns = [("config", "config"), ("precision", "precision")]
-        for impl in impls:
-            label = "ours" if impl == "ours" else "HF"
-            columns += [
-                (f"{impl}_tgt", f"{label} tgt tok/s"),
-                (f"{impl}_src", f"{label} src tok/s"),
-                (f"{impl}_mfu", f"{label} MFU"),
-                (f"{impl}_rss", f"{label} max RSS MiB"),
-            ]
+        columns += harness.per_implementation(
+            impls,
+            [("tgt", "tgt tok/s"), ("src", "src tok/s"), ("mfu", "MFU"), ("rss", "max RSS MiB")],
+        )
         columns += [("ratio", "ours/HF"), ("loss0", "eval loss batch 1 (ours / HF)")]
         print()
         print(harness.table(rows, columns))

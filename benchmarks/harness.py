@@ -8,6 +8,7 @@ The worker prints one line ``RESULT {json}`` which the parent parses.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,26 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> floa
     return best
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, described by its docstring's first paragraph, with the options
+    every benchmark takes: ``--data``, ``--json`` and the hidden ``--worker`` of
+    :func:`run_worker`."""
+    command_line = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    command_line.add_argument("--data", help="shared data folder (default: $SEQ2SEQ_DATA)")
+    command_line.add_argument("--json", help="also write the results to this file")
+    command_line.add_argument("--worker", help=argparse.SUPPRESS)
+    return command_line
+
+
+def ran_as_worker(args: argparse.Namespace, worker: Callable[[dict[str, Any]], None]) -> bool:
+    """Worker side of :func:`run_worker`: with ``--worker JSON``, run ``worker(settings)`` and
+    return True (the script then exits); otherwise False (this is the parent)."""
+    if not args.worker:
+        return False
+    worker(json.loads(args.worker))
+    return True
+
+
 def run_worker(script: Path, settings: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run ``script --worker JSON`` in a fresh interpreter; return its ``RESULT`` dict.
 
@@ -135,6 +157,16 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def per_implementation(impls: list[str], fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """:func:`table` columns ``({impl}_{key}, "{ours|HF} {heading}")``, fields within each
+    implementation (``"ours"``, ``"hf"``)."""
+    columns = []
+    for impl in impls:
+        label = "ours" if impl == "ours" else "HF"
+        columns += [(f"{impl}_{key}", f"{label} {heading}") for key, heading in fields]
+    return columns
 
 
 def _cell(value: Any) -> str:

@@ -18,24 +18,16 @@
 # Leaves: $OUT/model, $OUT/test.hyp (one summary per line), $OUT/scores.json (ROUGE).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$HERE/tools/stages.sh"
-PY="$(default_python "$(dirname "$HERE")")"
+source "$HERE/tools/stages.sh"  # run_stage, PY (the interpreter), default_data
 CONFIG="$HERE/configs/cnn_dailymail.yaml"
 
 OUT="${OUT:-runs/cnn_dailymail}"
-NGPU="${NGPU:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}"
-if ((NGPU < 1)); then
-    echo "cnn_dailymail: no GPU visible; running one CPU process (set NGPU to override)" >&2
-    NGPU=1
-fi
+NGPU="$(torchrun_processes cnn_dailymail "$PY")"
 PRECISION="${PRECISION:-auto}"
 AVERAGE="${AVERAGE:-5}"
 TEST_LINES="${TEST_LINES:-0}"
 read -r -a EXTRA <<< "${OVERRIDES:-}"
-if [[ -z "${DATA:-}" && -n "${SEQ2SEQ_DATA:-}" && -d "${SEQ2SEQ_DATA}/cnn_dailymail" ]]; then
-    DATA="$SEQ2SEQ_DATA/cnn_dailymail"
-fi
-DATA="${DATA:-hub}"
+DATA="$(default_data cnn_dailymail)"
 CORPUS=()
 if [[ "$DATA" != "hub" ]]; then
     CORPUS=(data.path="$DATA" data.hf_config=)  # datasets reads a folder of jsonl files by split

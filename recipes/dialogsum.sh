@@ -17,13 +17,10 @@
 # line) and $OUT/scores.json (ROUGE-1/2/L/Lsum F1 with its signature).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$HERE/tools/stages.sh"
-PY="$(default_python "$(dirname "$HERE")")"
+source "$HERE/tools/stages.sh"  # run_stage, PY (the interpreter), default_data
 CONFIG="$HERE/configs/dialogsum.yaml"
 
-if [[ -z "${DATA:-}" ]]; then
-    DATA="${SEQ2SEQ_DATA:?set DATA (folder with dialogsum.dev.jsonl) or SEQ2SEQ_DATA}/dialogsum"
-fi
+DATA="${DATA:-${SEQ2SEQ_DATA:?set DATA (dialogsum.dev.jsonl folder) or SEQ2SEQ_DATA}/dialogsum}"
 OUT="${OUT:-runs/dialogsum}"
 MAX_MINUTES="${MAX_MINUTES:-15}"
 AVERAGE="${AVERAGE:-3}"

@@ -25,8 +25,7 @@
 # $OUT/scores.json (BLEU, chrF, TER with signatures), $OUT/scores.lc.json (lower-cased BLEU).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$HERE/tools/stages.sh"
-PY="$(default_python "$(dirname "$HERE")")"
+source "$HERE/tools/stages.sh"  # run_stage, PY (the interpreter), default_data
 CONFIG="${CONFIG:-$HERE/configs/multi30k.yaml}"
 
 SRC="${SRC:-de}"
@@ -36,10 +35,7 @@ MAX_MINUTES="${MAX_MINUTES:-25}"
 AVERAGE="${AVERAGE:-3}"
 TEST_LINES="${TEST_LINES:-0}"
 read -r -a EXTRA <<< "${OVERRIDES:-}"
-if [[ -z "${DATA:-}" && -n "${SEQ2SEQ_DATA:-}" && -d "${SEQ2SEQ_DATA}/multi30k" ]]; then
-    DATA="$SEQ2SEQ_DATA/multi30k"
-fi
-DATA="${DATA:-hub}"
+DATA="$(default_data multi30k)"
 
 if [[ "$DATA" == "hub" ]]; then
     TEST_SPLIT=test

@@ -23,14 +23,11 @@
 # and $OUT/compare.txt (the side-by-side table).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$HERE/tools/stages.sh"
-PY="$(default_python "$(dirname "$HERE")")"
+source "$HERE/tools/stages.sh"  # run_stage, PY (the interpreter), default_data
 CONFIG="$HERE/configs/shakespeare_gpt.yaml"
 BIGRAM_CONFIG="$HERE/configs/shakespeare_bigram.yaml"
 
-if [[ -z "${DATA:-}" ]]; then
-    DATA="${SEQ2SEQ_DATA:?set DATA (folder with input.txt) or SEQ2SEQ_DATA}/tinyshakespeare"
-fi
+DATA="${DATA:-${SEQ2SEQ_DATA:?set DATA (folder with input.txt) or SEQ2SEQ_DATA}/tinyshakespeare}"
 OUT="${OUT:-runs/shakespeare_gpt}"
 MAX_MINUTES="${MAX_MINUTES:-0}"
 PROMPT="${PROMPT:-ROMEO:}"

@@ -35,8 +35,7 @@
 # for TGT=de only: the compound splitting is German's).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$HERE/tools/stages.sh"
-PY="$(default_python "$(dirname "$HERE")")"
+source "$HERE/tools/stages.sh"  # run_stage, PY (the interpreter), default_data
 
 SRC="${SRC:-en}"
 TGT="${TGT:-de}"
@@ -55,11 +54,7 @@ else
     AVERAGE="${AVERAGE:-5}"
     MAX_STEPS="${MAX_STEPS:-100000}"
 fi
-NGPU="${NGPU:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}"
-if ((NGPU < 1)); then
-    echo "wmt_en_de: no GPU visible; running one CPU process (set NGPU to override)" >&2
-    NGPU=1
-fi
+NGPU="$(torchrun_processes wmt_en_de "$PY")"
 NNODES="${NNODES:-1}"
 PRECISION="${PRECISION:-auto}"
 TOKENS_PER_UPDATE="${TOKENS_PER_UPDATE:-25000}"
@@ -78,10 +73,7 @@ else
     LAUNCH=(--standalone)
 fi
 
-if [[ -z "${DATA:-}" && -n "${SEQ2SEQ_DATA:-}" && -d "${SEQ2SEQ_DATA}/wmt14_en_de" ]]; then
-    DATA="$SEQ2SEQ_DATA/wmt14_en_de"
-fi
-DATA="${DATA:-hub}"
+DATA="$(default_data wmt14_en_de)"
 if [[ "$DATA" == "hub" ]]; then
     TEST_SPLIT=test  # newstest2014; validation is newstest2013
     CORPUS=()

@@ -91,8 +91,9 @@ def copy_feed_forward_and_norms(ours, theirs, blocks) -> None:
             getattr(theirs, f"norm{index}").load_state_dict(block.norm.state_dict())
 
 
-def reference_encoder_layer(ours, config: ModelConfig) -> nn.TransformerEncoderLayer:
-    theirs = nn.TransformerEncoderLayer(
+def pytorch_layer(layer_class: type[nn.Module], config: ModelConfig) -> nn.Module:
+    """PyTorch's own encoder or decoder layer with ``config``'s sizes, batch-first."""
+    return layer_class(
         config.d_model,
         config.n_heads,
         config.d_ff,
@@ -101,21 +102,17 @@ def reference_encoder_layer(ours, config: ModelConfig) -> nn.TransformerEncoderL
         batch_first=True,
         norm_first=config.norm_first,
     )
+
+
+def reference_encoder_layer(ours, config: ModelConfig) -> nn.TransformerEncoderLayer:
+    theirs = pytorch_layer(nn.TransformerEncoderLayer, config)
     copy_attention(ours.self_attention, theirs.self_attn)
     copy_feed_forward_and_norms(ours, theirs, [ours.self_attention_block, ours.feed_forward_block])
     return theirs.eval()
 
 
 def reference_decoder_layer(ours, config: ModelConfig) -> nn.TransformerDecoderLayer:
-    theirs = nn.TransformerDecoderLayer(
-        config.d_model,
-        config.n_heads,
-        config.d_ff,
-        dropout=config.dropout,
-        activation=config.activation,
-        batch_first=True,
-        norm_first=config.norm_first,
-    )
+    theirs = pytorch_layer(nn.TransformerDecoderLayer, config)
     copy_attention(ours.self_attention, theirs.self_attn)
     copy_attention(ours.cross_attention, theirs.multihead_attn)
     copy_feed_forward_and_norms(
@@ -169,15 +166,9 @@ def test_full_model_matches_nn_transformer(norm_first):
     config = tiny_config(norm_first=norm_first)
     model = Transformer(config, 50, 50).eval()
     reference = nn.Transformer(
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        dim_feedforward=64,
-        dropout=0.1,
-        batch_first=True,
-        norm_first=norm_first,
-    ).eval()
+        config.d_model, config.n_heads, config.n_encoder_layers, config.n_decoder_layers,
+        config.d_ff, config.dropout, batch_first=True, norm_first=norm_first,
+    ).eval()  # fmt: skip
     for ours, theirs in zip(model.encoder_layers, reference.encoder.layers):
         copy_attention(ours.self_attention, theirs.self_attn)
         copy_feed_forward_and_norms(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TINY_MODEL, toy_run_config, write_toy_task
 from safetensors.torch import load_file
 
 import seq2seq
@@ -42,53 +43,18 @@ from seq2seq.tokenizer import CharVocab, Tokenizer
 from seq2seq.translate import main as translate_main
 from seq2seq.translate import translate_lines
 
-TINY_MODEL = dict(
-    d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, max_positions=64
-)
-
-
-def _write_corpus(folder: Path, n_train: int = 120, n_valid: int = 16) -> None:
-    """Reverse-the-words toy task, as plain parallel text files."""
-    rng = random.Random(0)
-    words = ["ab", "cd", "ef", "gab", "hic", "dee", "fa"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, size in (("train", n_train), ("val", n_valid)):
-        sources = [" ".join(rng.choices(words, k=rng.randint(1, 4))) for _ in range(size)]
-        targets = [" ".join(reversed(s.split())).upper() for s in sources]
-        (folder / f"{split}.de").write_text("\n".join(sources) + "\n")
-        (folder / f"{split}.en").write_text("\n".join(targets) + "\n")
-
 
 def _raw_config(out_dir: Path, prepared: Path, corpus: Path, **train) -> dict:
-    return {
-        "model": dict(TINY_MODEL, dropout=0.1),
-        "data": dict(path=str(corpus), tokenizer="char", max_source_len=64, max_target_len=64),
-        "prepare": dict(out_dir=str(prepared), num_workers=1),
-        "batch": dict(max_tokens=96),
-        "train": {
-            "out_dir": str(out_dir), "log_every": 1000, "eval_every": 1000, "save_every": 1000,
-            "keep_last": 0, "lr": 3e-3, "warmup_steps": 4, "num_threads": 1, **train,
-        },
-    }  # fmt: skip
+    return toy_run_config(out_dir, prepared, corpus, **{"num_threads": 1, **train})
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> tuple[Path, Path]:
     """(corpus folder, prepared folder), prepared once for the module."""
     root = tmp_path_factory.mktemp("robust")
-    _write_corpus(root / "corpus")
+    write_toy_task(root / "corpus", n_train=120, n_valid=16)
     prepare(config_from_dict(_raw_config(root / "unused", root / "prepared", root / "corpus")))
     return root / "corpus", root / "prepared"
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 def _run(task, out_dir: Path, **train) -> dict:

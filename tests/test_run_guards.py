@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,45 +13,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import toy_run_config, write_toy_task
 
 from seq2seq import train as train_module
 from seq2seq.checkpoint import load_trainer_state, step_dirs
 from seq2seq.config import config_from_dict
 from seq2seq.prepare import prepare
 
-TINY_MODEL = dict(
-    d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, max_positions=64
-)
-
-
-def _write_corpus(folder: Path) -> None:
-    rng = random.Random(0)
-    words = ["ab", "cd", "ef", "gab", "hic"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, size in (("train", 96), ("val", 12)):
-        sources = [" ".join(rng.choices(words, k=rng.randint(1, 4))) for _ in range(size)]
-        (folder / f"{split}.de").write_text("\n".join(sources) + "\n")
-        (folder / f"{split}.en").write_text("\n".join(s.upper() for s in sources) + "\n")
-
 
 def _raw(out_dir: Path, task: tuple[Path, Path], **train) -> dict:
     corpus, prepared = task
-    return {
-        "model": dict(TINY_MODEL, dropout=0.1),
-        "data": dict(path=str(corpus), tokenizer="char", max_source_len=64, max_target_len=64),
-        "prepare": dict(out_dir=str(prepared), num_workers=1),
-        "batch": dict(max_tokens=96),
-        "train": {
-            "out_dir": str(out_dir), "log_every": 1000, "eval_every": 1000, "save_every": 1000,
-            "keep_last": 0, "lr": 3e-3, "warmup_steps": 4, "num_threads": 1, **train,
-        },
-    }  # fmt: skip
+    return toy_run_config(out_dir, prepared, corpus, **{"num_threads": 1, **train})
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("guards")
-    _write_corpus(root / "corpus")
+    # five words; each target is its source upper-cased, in the same order
+    write_toy_task(root / "corpus", 96, 12, words=("ab", "cd", "ef", "gab", "hic"), reverse=False)
     prepare(config_from_dict(_raw(root / "unused", (root / "corpus", root / "prepared"))))
     return root / "corpus", root / "prepared"
 

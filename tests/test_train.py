@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from helpers import QUIET, TINY_MODEL, toy_run_config, write_toy_task
 from safetensors.torch import load_file
 
 from seq2seq import train as train_module
@@ -25,39 +26,10 @@ from seq2seq.config import ConfigError, config_from_dict, load_config
 from seq2seq.hardware import resolve_precision
 from seq2seq.prepare import prepare
 
-TINY_MODEL = dict(
-    d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, max_positions=64
-)
-QUIET = dict(log_every=1000, eval_every=1000, save_every=1000, keep_last=0)
-
-
-def _write_copy_task(folder: Path, n_train: int = 160, n_valid: int = 24) -> None:
-    """A toy translation task: the target is the source's words reversed, in upper case."""
-    rng = random.Random(0)
-    words = ["ab", "cd", "ef", "gab", "hic", "dee", "fa"]
-    for split, size in (("train", n_train), ("val", n_valid)):
-        sources = [" ".join(rng.choices(words, k=rng.randint(1, 4))) for _ in range(size)]
-        targets = [" ".join(reversed(s.split())).upper() for s in sources]
-        (folder / f"{split}.de").write_text("\n".join(sources) + "\n")
-        (folder / f"{split}.en").write_text("\n".join(targets) + "\n")
-
 
 def _config(out_dir: Path, prepared: Path, corpus: Path, **train):
     return config_from_dict(
-        {
-            "model": dict(TINY_MODEL, dropout=0.1),
-            "data": dict(path=str(corpus), tokenizer="char", max_source_len=64, max_target_len=64),
-            "prepare": dict(out_dir=str(prepared), num_workers=1),
-            "batch": dict(max_tokens=96),
-            "train": {
-                **QUIET,
-                "out_dir": str(out_dir),
-                "lr_schedule": "inverse_sqrt",
-                "lr": 3e-3,
-                "warmup_steps": 4,
-                **train,
-            },
-        }
+        toy_run_config(out_dir, prepared, corpus, **{"lr_schedule": "inverse_sqrt", **train})
     )
 
 
@@ -65,8 +37,7 @@ def _config(out_dir: Path, prepared: Path, corpus: Path, **train):
 def copy_task(tmp_path_factory) -> tuple[Path, Path]:
     """(corpus folder, prepared folder) shared by the tests of this module."""
     root = tmp_path_factory.mktemp("copy_task")
-    (root / "corpus").mkdir()
-    _write_copy_task(root / "corpus")
+    write_toy_task(root / "corpus", n_train=160, n_valid=24)
     prepare(_config(root / "unused", root / "prepared", root / "corpus"))
     return root / "corpus", root / "prepared"
 
@@ -322,36 +293,42 @@ def _write_multi30k_slice(shared_data: Path, folder: Path, n_train: int, valid: 
             (folder / f"{split}.{lang}").write_text("".join(lines))
 
 
+def _multi30k_config(root: Path, model: dict, vocab_size: int, max_tokens: int, **train):
+    """A run over the Multi30k slice in ``root/corpus``, prepared into ``root/prepared``."""
+    return config_from_dict(
+        {
+            "model": model,
+            "data": dict(path=str(root / "corpus"), vocab_size=vocab_size),
+            "prepare": dict(out_dir=str(root / "prepared"), num_workers=1),
+            "batch": dict(max_tokens=max_tokens),
+            "train": dict(QUIET, out_dir=str(root / "run"), **train),
+        }
+    )
+
+
 def test_overfits_fifty_multi30k_pairs(shared_data, tmp_path):
     _write_multi30k_slice(shared_data, tmp_path / "corpus", 50, "train")
-    config = config_from_dict(
-        {
-            "model": dict(
-                d_model=64,
-                n_heads=4,
-                d_ff=128,
-                n_encoder_layers=1,
-                n_decoder_layers=1,
-                dropout=0.0,
-                max_positions=256,
-            ),
-            # One batch holds all 50 pairs, so every update is a full-batch step.
-            "data": dict(path=str(tmp_path / "corpus"), vocab_size=300),
-            "prepare": dict(out_dir=str(tmp_path / "prepared"), num_workers=1),
-            "batch": dict(max_tokens=3000),
-            "train": dict(
-                QUIET,
-                out_dir=str(tmp_path / "run"),
-                max_steps=120,
-                lr=5e-3,
-                lr_schedule="constant",
-                warmup_steps=10,
-                label_smoothing=0.0,
-                clip_norm=1.0,
-                eval_bleu=True,
-                eval_bleu_sentences=50,
-            ),
-        }
+    config = _multi30k_config(
+        tmp_path,
+        dict(
+            d_model=64,
+            n_heads=4,
+            d_ff=128,
+            n_encoder_layers=1,
+            n_decoder_layers=1,
+            dropout=0.0,
+            max_positions=256,
+        ),
+        vocab_size=300,
+        max_tokens=3000,  # one batch holds all 50 pairs, so every update is a full-batch step
+        max_steps=120,
+        lr=5e-3,
+        lr_schedule="constant",
+        warmup_steps=10,
+        label_smoothing=0.0,
+        clip_norm=1.0,
+        eval_bleu=True,
+        eval_bleu_sentences=50,
     )
     result = train_module.train(config)
     # The validation split here is the training set itself: memorised means near-zero NLL
@@ -391,25 +368,17 @@ def test_sigint_finishes_the_update_saves_and_exits(copy_task, tmp_path):
 @pytest.mark.slow
 def test_short_multi30k_run_lowers_validation_loss(shared_data, tmp_path):
     _write_multi30k_slice(shared_data, tmp_path / "corpus", 3000, "val")
-    config = config_from_dict(
-        {
-            "model": dict(
-                d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1
-            ),
-            "data": dict(path=str(tmp_path / "corpus"), vocab_size=1000),
-            "prepare": dict(out_dir=str(tmp_path / "prepared"), num_workers=1),
-            "batch": dict(max_tokens=1500),
-            "train": dict(
-                QUIET,
-                out_dir=str(tmp_path / "run"),
-                max_steps=40,
-                lr=2e-3,
-                lr_schedule="inverse_sqrt",
-                warmup_steps=20,
-                eval_bleu=True,
-                eval_bleu_sentences=16,
-            ),
-        }
+    config = _multi30k_config(
+        tmp_path,
+        dict(d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1),
+        vocab_size=1000,
+        max_tokens=1500,
+        max_steps=40,
+        lr=2e-3,
+        lr_schedule="inverse_sqrt",
+        warmup_steps=20,
+        eval_bleu=True,
+        eval_bleu_sentences=16,
     )
     before = _initial_valid_loss(config)
     result = train_module.train(config)

@@ -1,4 +1,6 @@
 # Stage runner shared by the recipes (sourced, not run). Wiring only: every stage is one command.
+# It also sets PY (the interpreter) and defines the defaults shared by recipes: default_data (DATA)
+# and torchrun_processes (NGPU).
 #
 #   run_stage N NAME [--stdout FILE] COMMAND [ARG ...]
 #
@@ -84,4 +86,34 @@ default_python() {
     else
         echo python3
     fi
+}
+
+# What every recipe's stages run: "$PY" -m seq2seq.<module> ...
+PY="$(default_python "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)")"
+
+# The corpus a recipe reads: $DATA if set, else $SEQ2SEQ_DATA/NAME when that folder exists, else
+# "hub" (the Hugging Face hub).
+default_data() {
+    local name="$1"
+    if [[ -n "${DATA:-}" ]]; then
+        echo "$DATA"
+    elif [[ -n "${SEQ2SEQ_DATA:-}" && -d "$SEQ2SEQ_DATA/$name" ]]; then
+        echo "$SEQ2SEQ_DATA/$name"
+    else
+        echo hub
+    fi
+}
+
+# How many processes torchrun starts: $NGPU if set, else every GPU that python's torch sees; with
+# none, one CPU process (said on stderr under the recipe's name).
+torchrun_processes() {
+    local recipe="$1" python="$2" count="${NGPU:-}"
+    if [[ -z "$count" ]]; then
+        count="$("$python" -c 'import torch; print(torch.cuda.device_count())')" || return
+    fi
+    if ((count < 1)); then
+        echo "$recipe: no GPU visible; running one CPU process (set NGPU to override)" >&2
+        count=1
+    fi
+    echo "$count"
 }
