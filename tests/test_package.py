@@ -123,3 +123,23 @@ def test_command_line_edge_puts_large_tensors_on_huge_pages():
         assert setting == ("1" if first else "None")
     with_edge, plain = faults.values()
     assert int(with_edge) < 4_000 < 40_000 < int(plain)
+
+
+def test_no_module_reads_a_test_only_environment_variable():
+    """Tests inject faults from outside (monkeypatching, launcher scripts): production code holds
+    no test hook such as the old ``SEQ2SEQ_TEST_PAUSE_MID_WRITE`` check in every save."""
+    package = Path(seq2seq.__file__).parent
+    sources = {path.name: path.read_text(encoding="utf-8") for path in package.glob("*.py")}
+    assert "checkpoint.py" in sources and "directory.py" in sources  # the glob finds the modules
+    hooked = sorted(name for name, text in sources.items() if "SEQ2SEQ_TEST" in text)
+    assert not hooked, f"test hooks in {hooked}"
+
+
+def test_every_subcommand_runs_the_module_of_its_name():
+    """``seq2seq X`` is ``python -m seq2seq.X`` (README's Command line section says so)."""
+    from seq2seq.__main__ import SUBCOMMANDS
+
+    assert SUBCOMMANDS["average"][0] == "seq2seq.average"
+    for name, (module, _) in SUBCOMMANDS.items():
+        assert module == f"seq2seq.{name}", name
+        assert callable(importlib.import_module(module).main), module
