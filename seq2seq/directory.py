@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from seq2seq.textio import sha256_file
+from seq2seq.textio import fsync_path, sha256_file
 
 CHECKSUMS = "checksums.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -160,18 +160,6 @@ def regular_files(root: Path) -> list[str]:
                 raise CheckpointError(f"{path}: not a regular file (refused in a model directory)")
             names.append(path.relative_to(root).as_posix())
     return sorted(name for name in names if name != CHECKSUMS)
-
-
-def fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -109,7 +109,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes | memoryview) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -117,10 +117,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def fsync_directory(path: str | Path) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries (making a rename inside it durable), to
+    disk; a no-op where the platform cannot open ``path`` for that (some cannot open folders)."""
+    directory = os.path.isdir(path) and hasattr(os, "O_DIRECTORY")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     except OSError:
         return
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -270,3 +271,25 @@ def test_average_refuses_checkpoints_of_different_models_or_tokenizers(tmp_path)
     with pytest.raises(CheckpointError, match="tokenizer/"):
         average_checkpoints([first, relabelled], tmp_path / "avg")
     assert not (tmp_path / "avg").exists()
+
+
+def test_a_failed_pointer_write_keeps_the_old_pointer_and_leaves_no_temporary(
+    tmp_path, monkeypatch
+):
+    config = _config()
+    first = save_training_checkpoint(tmp_path, 1, _model(config), config, _tokenizer(), _state(1))
+    second = checkpoint.save_checkpoint(
+        tmp_path / "checkpoints" / "step_2", _model(config), config, _tokenizer(), _state(2)
+    )
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the data never reaches the disk
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_pointer(tmp_path, "last", second)
+    monkeypatch.undo()
+    assert read_pointer(tmp_path, "last") == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last", "step_1", "step_2",
+    ]  # fmt: skip
