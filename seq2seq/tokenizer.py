@@ -15,7 +15,7 @@ Imported models (``seq2seq.hf_import``) keep their own vocabularies in our id or
   - ``spm_vocab`` (Marian): SentencePiece cuts text into pieces, and a piece table (our id ->
     piece, ``pieces`` in ``tokenizer.json``) gives the ids, as ``MarianTokenizer``'s
     ``vocab.json`` does; pieces not in the table are UNK;
-  - ``byte_bpe`` (GPT-2): a ``tokenizers`` byte-level BPE (``<side>.bpe.json``) gives its own
+  - ``byte_bpe`` (GPT-2): a ``tokenizers`` byte-level BPE (``bpe.json``) gives its own
     ids, which ``hf_ids`` (our id -> its id, -1 for a row it lacks) maps to ours. It needs the
     optional ``tokenizers`` package, imported only when such a tokenizer is loaded.
 """
@@ -261,7 +261,7 @@ class Tokenizer:
                     "pieces": model.pieces,
                 }
             elif isinstance(model, ByteLevelBPE):
-                name = names[side].replace(".model", ".bpe.json")
+                name = "bpe.json" if self.is_joint else f"{side}.bpe.json"
                 atomic_write_bytes(directory / name, model.definition.encode("utf-8"))
                 meta[side] = {"vocab_size": model.vocab_size, "bpe_file": name}
                 meta[side]["hf_ids"] = model.hf_ids
