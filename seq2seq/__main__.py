@@ -38,6 +38,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("seq2seq.evaluate", "BLEU/chrF/TER/ROUGE with signatures, or perplexity"),
     "attention": ("seq2seq.attention", "draw attention maps for a sentence or prompt"),
     "export": ("seq2seq.export", "export a model directory to Hugging Face MarianMTModel"),
+    "import": ("seq2seq.hf_import", "import a Hugging Face Marian or GPT-2 directory as a model"),
     "serve": ("seq2seq.serve", "serve model directories over HTTP, with a page at /"),
 }
 

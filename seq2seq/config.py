@@ -47,17 +47,25 @@ class ModelConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0  # inside the FFN; the paper has none (tensor2tensor adds it)
-    activation: str = "relu"  # "relu" (paper) or "gelu"
+    # "relu" (paper), "gelu" (exact erf form), "gelu_tanh" (the tanh approximation of GPT-2's
+    # "gelu_new") or "silu" (x * sigmoid(x), Marian's "swish")
+    activation: str = "relu"
     norm_first: bool = False  # False: post-norm LayerNorm(x + Sublayer(x)), as in the paper
     positions: str = "sinusoidal"  # "sinusoidal" (paper, section 3.5) or "learned"
     max_positions: int = 1024
     share_embeddings: bool = True  # one embedding for source, target and output (section 3.4)
     tie_output: bool = True  # output projection = target embedding transposed
     layer_norm_eps: float = 1e-5
+    # Token embeddings multiplied by sqrt(d_model) (section 3.4); false leaves them unscaled, as
+    # GPT-2 and Marian with scale_embedding=false do.
+    scale_embedding: bool = True
+    # A fixed (not trained) vector added to the output logits: Marian's final_logits_bias, and
+    # -1e4 on vocabulary rows an imported model lacks, so they never take probability mass.
+    output_bias: bool = False
 
     def validate(self) -> None:
         check_choice("model.arch", self.arch, ("transformer", "gpt", "bigram"))
-        check_choice("model.activation", self.activation, ("relu", "gelu"))
+        check_choice("model.activation", self.activation, ("relu", "gelu", "gelu_tanh", "silu"))
         check_choice("model.positions", self.positions, ("sinusoidal", "learned"))
         if self.d_model % self.n_heads:
             raise ConfigError(
@@ -199,6 +207,10 @@ class TrainConfig:
     # 0 after moving the old checkpoints/ aside.
     resume: str = "auto"
     allow_config_change: bool = False  # resume although the checkpoint's config differs
+    # A model directory (e.g. from ``seq2seq import``) whose weights start the run, with a fresh
+    # optimizer; its tokenizer encodes the data and its model section must equal this run's
+    # (dropout rates aside). A checkpoint to resume from wins over it. "" = random init.
+    init_from: str = ""
 
     def validate(self) -> None:
         check_choice(

@@ -18,8 +18,8 @@ differences need care:
     layer is equivariant to a permutation of the model width once the weights are permuted with
     it (embedding columns, linear inputs/outputs that are m wide, LayerNorm gains and biases),
     and the logits ``x E^T`` are unchanged, so the exported model computes exactly our function.
-  - Marian adds a ``final_logits_bias`` (zeros here) and starts decoding from
-    ``decoder_start_token_id`` (our BOS).
+  - Marian adds a ``final_logits_bias`` (our ``model.output_bias``, else zeros) and starts
+    decoding from ``decoder_start_token_id`` (our BOS).
 
 Only post-norm models with sinusoidal positions and LayerNorm eps 1e-5 (Marian's fixed value) can
 be exported. ``transformers`` is an optional dependency (the ``bench`` extra), imported only here.
@@ -122,11 +122,11 @@ def marian_config(model: Transformer) -> MarianConfig:
         decoder_attention_heads=c.n_heads,
         encoder_ffn_dim=c.d_ff,
         decoder_ffn_dim=c.d_ff,
-        activation_function=c.activation,
+        activation_function={"gelu_tanh": "gelu_pytorch_tanh"}.get(c.activation, c.activation),
         dropout=c.dropout,
         attention_dropout=c.attention_dropout,
         activation_dropout=c.activation_dropout,
-        scale_embedding=True,
+        scale_embedding=c.scale_embedding,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
@@ -179,7 +179,8 @@ def marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     positions = sinusoidal_positions(c.max_positions, c.d_model)[:, perm]
     out["model.encoder.embed_positions.weight"] = positions
     out["model.decoder.embed_positions.weight"] = positions
-    out["final_logits_bias"] = torch.zeros(1, target.shape[0])
+    bias = ours["output_bias.bias"] if c.output_bias else torch.zeros(target.shape[0])
+    out["final_logits_bias"] = bias[None]
     for i in range(c.n_encoder_layers):
         src, dst = f"encoder_layers.{i}", f"model.encoder.layers.{i}"
         attention(f"{src}.self_attention", f"{dst}.self_attn")

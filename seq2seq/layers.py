@@ -108,14 +108,22 @@ class AttentionRecord:
 # --------------------------------------------------------------------------- feed-forward (3.3)
 
 
+ACTIVATIONS = {  # model.activation -> function; the last two are GPT-2's and Marian's
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
 class FeedForward(nn.Module):
-    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2, section 3.3 (GELU as an option)."""
+    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2, section 3.3 (GELU or SiLU as options)."""
 
     def __init__(self, d_model: int, d_ff: int, activation_dropout: float, activation: str) -> None:
         super().__init__()
         self.linear_in = nn.Linear(d_model, d_ff)
         self.linear_out = nn.Linear(d_ff, d_model)
-        self.activation = F.relu if activation == "relu" else F.gelu
+        self.activation = ACTIVATIONS[activation]
         self.dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,10 +137,10 @@ class TokenEmbedding(nn.Module):
     """Token embedding multiplied by sqrt(d_model), section 3.4; its weight doubles as the output
     projection when tied."""
 
-    def __init__(self, vocab_size: int, d_model: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, scale: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0  # unscaled: GPT-2, some Marian models
         # Tied embeddings receive the output layer's gradient too; this scale keeps logits O(1).
         nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
         with torch.no_grad():

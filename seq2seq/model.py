@@ -43,6 +43,18 @@ class EncoderOutput:
     memory_mask: Tensor  # (b, 1, 1, s), True at real source tokens
 
 
+class OutputBias(nn.Module):
+    """A fixed (v,) vector added to the logits, a buffer so fine-tuning leaves it as it is
+    (Marian's ``final_logits_bias``); zeros when built, set by ``seq2seq.hf_import``."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.zeros(vocab_size))
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits + self.bias.to(logits.dtype)
+
+
 class DecoderStack(nn.Module):
     """The target side both models share: token embedding and positions, decoder layers, the final
     LayerNorm of a pre-norm stack, and the output projection (the embedding matrix when tied).
@@ -62,6 +74,7 @@ class DecoderStack(nn.Module):
         cross_attention: bool,
         vocab_size: int,
         tie_output: bool,
+        output_bias: bool = False,
     ) -> None:
         super().__init__()
         self.embedding, self.positions = embedding, positions
@@ -70,6 +83,7 @@ class DecoderStack(nn.Module):
         self.output_projection = None
         if not tie_output:
             self.output_projection = nn.Linear(shape.d_model, vocab_size, bias=False)
+        self.output_bias = OutputBias(vocab_size) if output_bias else None
 
     def forward(
         self,
@@ -107,8 +121,10 @@ class DecoderStack(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.output_projection is not None:
-            return self.output_projection(x)
-        return F.linear(x, self.embedding.weight)
+            logits = self.output_projection(x)
+        else:
+            logits = F.linear(x, self.embedding.weight)
+        return logits if self.output_bias is None else self.output_bias(logits)
 
 
 class Transformer(nn.Module):
@@ -126,11 +142,12 @@ class Transformer(nn.Module):
             )
         self.config = config
         shape, d_model = LayerShape.of(config), config.d_model
-        self.target_embedding = TokenEmbedding(tgt_vocab_size, d_model)
+        scale = config.scale_embedding
+        self.target_embedding = TokenEmbedding(tgt_vocab_size, d_model, scale)
         self.source_embedding = (
             self.target_embedding
             if config.share_embeddings
-            else TokenEmbedding(src_vocab_size, d_model)
+            else TokenEmbedding(src_vocab_size, d_model, scale)
         )
         positions = config.positions, config.max_positions, d_model, config.dropout
         self.source_positions = PositionalEncoding(*positions)
@@ -140,12 +157,13 @@ class Transformer(nn.Module):
         )
         decoder = DecoderStack(
             self.target_embedding, self.target_positions, shape, config.n_decoder_layers,
-            True, tgt_vocab_size, config.tie_output,
+            True, tgt_vocab_size, config.tie_output, config.output_bias,
         )  # fmt: skip
         self.decoder_layers = decoder.layers
         self.encoder_norm = shape.final_norm()
         self.decoder_norm = decoder.norm
         self.output_projection = decoder.output_projection
+        self.output_bias = decoder.output_bias
         object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
         _init_linear_layers(self)
 
@@ -192,17 +210,18 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         d_model = config.d_model
-        self.token_embedding = TokenEmbedding(vocab_size, d_model)
+        self.token_embedding = TokenEmbedding(vocab_size, d_model, config.scale_embedding)
         self.positions = PositionalEncoding(
             config.positions, config.max_positions, d_model, config.dropout
         )
         decoder = DecoderStack(
             self.token_embedding, self.positions, LayerShape.of(config), config.n_decoder_layers,
-            False, vocab_size, config.tie_output,
+            False, vocab_size, config.tie_output, config.output_bias,
         )  # fmt: skip
         self.layers = decoder.layers
         self.final_norm = decoder.norm
         self.output_projection = decoder.output_projection
+        self.output_bias = decoder.output_bias
         object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
         _init_linear_layers(self)
 

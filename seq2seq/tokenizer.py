@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece (BPE or unigram) and a character vocabulary, with fixed special ids.
+"""Tokenizers: SentencePiece (BPE or unigram), a character vocabulary, and two kinds that carry
+an imported Hugging Face model's vocabulary, all with fixed special ids.
 
 A :class:`Tokenizer` holds one model shared by source and target (``joint``) or one per side.
 Every kind reserves the same four special ids, so batches and search never need to ask:
@@ -9,6 +10,14 @@ Every kind reserves the same four special ids, so batches and search never need 
 EOS wherever they appear; callers truncate at the first EOS themselves. A saved tokenizer is a
 directory holding ``tokenizer.json`` plus ``spm.model`` (joint) or ``source.model`` and
 ``target.model`` (SentencePiece), or just ``tokenizer.json`` (characters).
+
+Imported models (``seq2seq.hf_import``) keep their own vocabularies in our id order:
+  - ``spm_vocab`` (Marian): SentencePiece cuts text into pieces, and a piece table (our id ->
+    piece, ``pieces`` in ``tokenizer.json``) gives the ids, as ``MarianTokenizer``'s
+    ``vocab.json`` does; pieces not in the table are UNK;
+  - ``byte_bpe`` (GPT-2): a ``tokenizers`` byte-level BPE (``bpe.json``) gives its own
+    ids, which ``hf_ids`` (our id -> its id, -1 for a row it lacks) maps to ours. It needs the
+    optional ``tokenizers`` package, imported only when such a tokenizer is loaded.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ UNK_TEXT = "\u2047"  # what SentencePiece prints for an unknown piece
 _DROPPED_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
 _META_FILE = "tokenizer.json"
 _FORMAT_VERSION = 1
-KINDS = ("bpe", "unigram", "char")
+KINDS = ("bpe", "unigram", "char", "spm_vocab", "byte_bpe")
 
 
 class TokenizerError(ValueError):
@@ -96,21 +105,96 @@ class SentencePieceModel:
         return self.processor.decode(kept)
 
 
+class PieceVocab:
+    """SentencePiece pieces looked up in a piece table, as Marian does (module doc).
+
+    Args:
+        model_proto: the serialized SentencePiece model that cuts text into pieces.
+        pieces: the piece of each of our ids; "" for an id no text encodes to (a row the
+            imported model lacks).
+    """
+
+    def __init__(self, model_proto: bytes, pieces: list[str]) -> None:
+        self.model_proto = model_proto
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.pieces = list(pieces)
+        self._ids = {piece: i for i, piece in enumerate(self.pieces) if piece}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        for text in texts:
+            code: list[str] = []
+            end = text.find("<<") if text.startswith(">>") else -1
+            if end != -1:  # a multilingual model's target-language token, e.g. ">>fr<<"
+                code, text = [text[: end + 2]], text[end + 2 :]
+            pieces = code + self.processor.encode(text, out_type=str)
+            out.append([self._ids.get(piece, UNK_ID) for piece in pieces])
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        size, pieces = self.vocab_size, self.pieces
+        kept = [pieces[i] if i < size else pieces[UNK_ID] for i in ids if i not in _DROPPED_IDS]
+        return self.processor.decode_pieces([piece for piece in kept if piece])
+
+
+class ByteLevelBPE:
+    """A ``tokenizers`` byte-level BPE (GPT-2's) with its ids mapped to ours (module doc).
+
+    Args:
+        definition: the ``tokenizers`` JSON serialization (``Tokenizer.to_str()``).
+        hf_ids: the BPE's id for each of our ids, -1 for a row it lacks.
+
+    Raises:
+        TokenizerError: ``tokenizers`` is not installed or rejects ``definition``.
+    """
+
+    def __init__(self, definition: str, hf_ids: list[int]) -> None:
+        try:
+            from tokenizers import Tokenizer as BPETokenizer
+        except ImportError:
+            raise TokenizerError(
+                "a byte_bpe tokenizer needs the optional package 'tokenizers': "
+                "pip install 'seq2seq[hf]'"
+            ) from None
+        try:
+            self.bpe = BPETokenizer.from_str(definition)
+        except Exception as error:  # tokenizers raises plain Exceptions for malformed JSON
+            raise TokenizerError(f"not a tokenizers definition: {error}") from None
+        self.definition = definition
+        self.hf_ids = list(hf_ids)
+        self._ours = {hf: ours for ours, hf in enumerate(self.hf_ids) if hf >= 0}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf_ids)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        encoded = self.bpe.encode_batch(list(texts), add_special_tokens=False)
+        return [[self._ours.get(i, UNK_ID) for i in item.ids] for item in encoded]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        size, hf_ids = self.vocab_size, self.hf_ids
+        kept = [hf_ids[i] for i in ids if i not in _DROPPED_IDS and i < size and hf_ids[i] >= 0]
+        return self.bpe.decode(kept, skip_special_tokens=False)
+
+
+Side = SentencePieceModel | CharVocab | PieceVocab | ByteLevelBPE
+
+
 class Tokenizer:
     """Source and target tokenization for one run.
 
     Args:
-        kind: ``"bpe"``, ``"unigram"`` or ``"char"``.
+        kind: one of :data:`KINDS`.
         source: the source-side model (also the target's when ``target`` is None).
         target: the target-side model for separate vocabularies, else None (joint).
     """
 
-    def __init__(
-        self,
-        kind: str,
-        source: SentencePieceModel | CharVocab,
-        target: SentencePieceModel | CharVocab | None = None,
-    ) -> None:
+    def __init__(self, kind: str, source: Side, target: Side | None = None) -> None:
         if kind not in KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}")
         self.kind = kind
@@ -169,12 +253,42 @@ class Tokenizer:
         for side, model in sides.items():
             if isinstance(model, CharVocab):
                 meta[side] = {"vocab_size": model.vocab_size, "chars": model.chars}
+            elif isinstance(model, PieceVocab):
+                atomic_write_bytes(directory / names[side], model.model_proto)
+                meta[side] = {
+                    "vocab_size": model.vocab_size,
+                    "model_file": names[side],
+                    "pieces": model.pieces,
+                }
+            elif isinstance(model, ByteLevelBPE):
+                name = "bpe.json" if self.is_joint else f"{side}.bpe.json"
+                atomic_write_bytes(directory / name, model.definition.encode("utf-8"))
+                meta[side] = {"vocab_size": model.vocab_size, "bpe_file": name}
+                meta[side]["hf_ids"] = model.hf_ids
             else:
                 atomic_write_bytes(directory / names[side], model.model_proto)
                 meta[side] = {"vocab_size": model.vocab_size, "model_file": names[side]}
         text = json.dumps(meta, indent=1, ensure_ascii=True) + "\n"
         atomic_write_bytes(directory / _META_FILE, text.encode("utf-8"))
         return directory
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """True when ``other`` turns every text into the same ids (same kind, same models)."""
+
+        def state(model: Side) -> tuple:
+            if isinstance(model, CharVocab):
+                return ("char", tuple(model.chars))
+            if isinstance(model, PieceVocab):
+                return ("pieces", model.model_proto, tuple(model.pieces))
+            if isinstance(model, ByteLevelBPE):
+                return ("bpe", model.definition, tuple(model.hf_ids))
+            return ("spm", model.model_proto)
+
+        return (self.kind, state(self.source), state(self.target)) == (
+            other.kind,
+            state(other.source),
+            state(other.target),
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -231,10 +345,10 @@ class Tokenizer:
         return cls(meta["kind"], models["source"], target)
 
 
-def _load_side(
-    directory: Path, meta_path: Path, side: str, entry: dict
-) -> SentencePieceModel | CharVocab:
+def _load_side(directory: Path, meta_path: Path, side: str, entry: dict) -> Side:
     """One side's model from its ``tokenizer.json`` entry; errors name the file at fault."""
+    if "bpe_file" in entry:
+        return _load_bpe(directory, meta_path, side, entry)
     if "chars" in entry:
         chars = entry["chars"]
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
@@ -255,10 +369,36 @@ def _load_side(
         raise TokenizerError(f"{path}: cannot read model: {error.strerror}") from error
     if not payload:
         raise TokenizerError(f"{path}: empty file, not a SentencePiece model")
+    pieces = entry.get("pieces")
+    if pieces is not None and (
+        not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces)
+    ):
+        raise TokenizerError(f"{meta_path}: {side}.pieces must be a list of strings")
     try:
-        return SentencePieceModel(payload)
+        return SentencePieceModel(payload) if pieces is None else PieceVocab(payload, pieces)
     except RuntimeError as error:
         raise TokenizerError(f"{path}: not a SentencePiece model: {error}") from error
+    except TokenizerError as error:
+        raise TokenizerError(f"{path}: {error}") from None
+
+
+def _load_bpe(directory: Path, meta_path: Path, side: str, entry: dict) -> ByteLevelBPE:
+    name, hf_ids = entry.get("bpe_file"), entry.get("hf_ids")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise TokenizerError(
+            f"{meta_path}: {side}.bpe_file must name a file in {directory}, got {name!r}"
+        )
+    if not isinstance(hf_ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in hf_ids
+    ):
+        raise TokenizerError(f"{meta_path}: {side}.hf_ids must be a list of integers")
+    path = directory / name
+    try:
+        definition = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{path}: cannot read the BPE definition: {error}") from error
+    try:
+        return ByteLevelBPE(definition, hf_ids)
     except TokenizerError as error:
         raise TokenizerError(f"{path}: {error}") from None
 

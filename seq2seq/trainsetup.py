@@ -7,6 +7,7 @@ applies the process-wide torch settings of ``train.*`` for the run and puts the 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -25,16 +26,19 @@ from seq2seq import distributed, rundir
 from seq2seq.checkpoint import (
     TRAINER_STATE_KEYS,
     find_resume_checkpoint,
+    load_config_file,
     load_trainer_state,
     load_weights,
     restore_rng_state,
+    verify_checksums,
 )
 from seq2seq.config import ConfigError, RunConfig, TrainConfig, save_config
-from seq2seq.data import LMCorpus, TokenizedCorpus
+from seq2seq.data import MANIFEST, TOKENIZER_DIR, LMCorpus, TokenizedCorpus, read_manifest
 from seq2seq.hardware import PrecisionChoice, resolve_precision
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
-from seq2seq.prepare import prepare
+from seq2seq.prepare import _new_manifest, _settings, prepare
+from seq2seq.textio import atomic_write_text
 from seq2seq.tokenizer import Tokenizer
 
 Corpus = TokenizedCorpus | LMCorpus
@@ -108,6 +112,8 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         print(described, flush=True)
         save_config(config, out_dir / "config.yaml", {"train.precision": described})
+        if tc.init_from and resume is None:
+            use_init_tokenizer(config)
         prepare(config)  # idempotent; one process writes, the others wait at the barrier
     distributed.barrier()
     prepared = config.prepared_dir()
@@ -121,6 +127,8 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
         )
     vocab_sizes = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
     run = build_run(config, info, *vocab_sizes, resume, precision)
+    if tc.init_from and resume is None:
+        init_weights(run, tokenizer)
     run.log(f"model: {count_parameters(run.model):,} parameters on {device} x{info.world_size}")
     run.tokenizer = tokenizer
     corpus = LMCorpus if config.model.arch in ("gpt", "bigram") else TokenizedCorpus
@@ -158,6 +166,67 @@ def build_run(
         device_ids = [device.index] if device.type == "cuda" else None
         run.net = DistributedDataParallel(run.forward_model, device_ids=device_ids)
     return run
+
+
+# Rates that may differ between a model directory and the run fine-tuning it (train.init_from).
+_TRAINING_ONLY = ("preset", "dropout", "attention_dropout", "activation_dropout")
+
+
+def use_init_tokenizer(config: RunConfig) -> None:
+    """``train.init_from``: check the model directory against the run, and make its tokenizer
+    the one the run's data is encoded with: written into a prepared directory that does not hold
+    this data yet; one that does must hold this very tokenizer.
+
+    Raises:
+        ConfigError: not a model directory, a model section that differs (the key named), or
+            data prepared with another tokenizer.
+        CheckpointError: the directory is corrupt (see ``verify_checksums``).
+    """
+    directory = Path(config.train.init_from)
+    where = f"train.init_from={directory}"
+    if not (directory / "config.yaml").is_file():
+        raise ConfigError(f"{where}: not a model directory (no config.yaml)")
+    verify_checksums(directory)
+    theirs, ours = asdict(load_config_file(directory).model), asdict(config.model)
+    for key in ours:
+        if key not in _TRAINING_ONLY and ours[key] != theirs[key]:
+            raise ConfigError(
+                f"{where}: model.{key} is {ours[key]!r} in this run but {theirs[key]!r} in "
+                f"{directory / 'config.yaml'}; fine-tuning needs the same network (start from "
+                f"that config.yaml)"
+            )
+    tokenizer = Tokenizer.load(directory / "tokenizer")
+    prepared = config.prepared_dir()
+    manifest, settings = read_manifest(prepared), _settings(config.data)
+    if manifest is not None and manifest.get("settings") == settings:
+        if not Tokenizer.load(prepared / TOKENIZER_DIR).same_as(tokenizer):
+            raise ConfigError(
+                f"{where}: {prepared} holds this data encoded with another tokenizer; set "
+                f"prepare.out_dir to a new directory to encode it with the model's"
+            )
+        return
+    prepared.mkdir(parents=True, exist_ok=True)
+    (prepared / MANIFEST).unlink(missing_ok=True)
+    tokenizer.save(prepared / TOKENIZER_DIR)
+    atomic_write_text(prepared / MANIFEST, json.dumps(_new_manifest(settings, tokenizer), indent=1))
+
+
+def init_weights(run: Run, tokenizer: Tokenizer) -> None:
+    """Start ``run.model`` from ``train.init_from``'s weights; the optimizer stays fresh.
+
+    Raises:
+        ConfigError: the data was encoded with another tokenizer (language-model data, whose
+            preparation always trains its own).
+        CheckpointError: the weights do not fit the model.
+    """
+    directory = Path(run.config.train.init_from)
+    if not Tokenizer.load(directory / "tokenizer").same_as(tokenizer):
+        raise ConfigError(
+            f"train.init_from={directory}: the prepared data was encoded with another tokenizer "
+            f"than the model's (data.format={run.config.data.format} prepares its own)"
+        )
+    load_weights(run.model, directory)
+    run.log(f"init_from: weights from {directory}, fresh optimizer")
 
 
 def resolve_train_precision(
