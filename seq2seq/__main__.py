@@ -23,9 +23,13 @@ PROCESS_DEFAULTS = {
 
 
 def configure_process() -> None:
-    """Set :data:`PROCESS_DEFAULTS` that the user has not set; call before torch is imported."""
+    """Set :data:`PROCESS_DEFAULTS` that the user has not set, then fix the allocator's mapping
+    threshold (:func:`seq2seq.hardware.fix_malloc_mmap_threshold`); call before torch is imported."""
     for name, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from seq2seq.hardware import fix_malloc_mmap_threshold  # imports torch: after the variables
+
+    fix_malloc_mmap_threshold()
 
 
 # subcommand -> (module, one-line help). Each module exposes ``main(argv) -> int``.

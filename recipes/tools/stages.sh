@@ -32,6 +32,9 @@ STAGE="${STAGE:-}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # Large tensors on transparent huge pages (the same defaults as seq2seq/__main__.py's).
 export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
+# Large blocks mapped and returned on free, never cached in a fragmenting heap (the same threshold
+# as seq2seq.hardware.fix_malloc_mmap_threshold; glibc reads it at start-up).
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-2097152}"
 
 run_stage() {
     local n="$1" name="$2" stdout=""
