@@ -292,7 +292,10 @@ class LayerCache:
             fresh = []
             for buffer in self.buffers:
                 moved = buffer.new_empty(buffer.shape[0], index.numel(), *buffer.shape[2:])
-                torch.index_select(buffer[:used], 1, index, out=moved[:used])
+                if buffer.requires_grad:  # out= does not record a gradient
+                    moved[:used] = buffer[:used].index_select(1, index)
+                else:
+                    torch.index_select(buffer[:used], 1, index, out=moved[:used])
                 fresh.append(moved)
             self.buffers = (fresh[0], fresh[1])
             self.self_key, self.self_value = (

@@ -247,15 +247,25 @@ def beam_search(
             eos_id, in_place=True,
         )  # fmt: skip
         vocab = log_probs.size(1)
-        candidates = rearrange(
-            scores[:, :, None] + rearrange(log_probs, "(n k) v -> n k v", n=n), "n k v -> n (k v)"
-        )
-        if candidates.size(1) < 2 * k:  # first steps of a tiny vocabulary: pad with dead beams
-            pad = candidates.new_full((n, 2 * k - candidates.size(1)), NEG_INF)
-            candidates = torch.cat([candidates, pad], dim=1)
-        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (n, 2k), best first
-        beam = (top_index // vocab).clamp(max=beams - 1)
-        token = torch.where(top_index < beams * vocab, top_index % vocab, PAD_ID)
+        if vocab >= 2 * k:
+            # A beam's score is added to its whole row, which keeps the row's order: the 2k best
+            # of each row hold the sentence's 2k best, so only those are summed and ranked.
+            row_best, row_token = log_probs.topk(2 * k, dim=1)  # (n*beams, 2k)
+            pooled = scores[:, :, None] + rearrange(row_best, "(n k) c -> n k c", n=n)
+            top_scores, pick = rearrange(pooled, "n k c -> n (k c)").topk(2 * k, dim=1)
+            beam = pick // (2 * k)
+            token = rearrange(row_token, "(n k) c -> n (k c)", n=n).gather(1, pick)
+        else:  # a tiny vocabulary: rank every (beam, token), padded with dead beams
+            candidates = rearrange(
+                scores[:, :, None] + rearrange(log_probs, "(n k) v -> n k v", n=n),
+                "n k v -> n (k v)",
+            )
+            if candidates.size(1) < 2 * k:
+                pad = candidates.new_full((n, 2 * k - candidates.size(1)), NEG_INF)
+                candidates = torch.cat([candidates, pad], dim=1)
+            top_scores, top_index = candidates.topk(2 * k, dim=1)  # (n, 2k), best first
+            beam = (top_index // vocab).clamp(max=beams - 1)
+            token = torch.where(top_index < beams * vocab, top_index % vocab, PAD_ID)
         is_eos = token == eos_id
 
         ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
