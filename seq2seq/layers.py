@@ -305,8 +305,9 @@ class LayerCache:
             self.self_key = self.self_key.index_select(0, index)
             self.self_value = self.self_value.index_select(0, index)
         if self.cross_key is not None and not self_attention_only:
-            self.cross_key = self.cross_key.index_select(0, index)
-            self.cross_value = self.cross_value.index_select(0, index)
+            by_source = index // self.cross_rows  # decoder row -> its cross-attention row
+            self.cross_key = self.cross_key.index_select(0, by_source)
+            self.cross_value = self.cross_value.index_select(0, by_source)
             self.cross_rows = 1
 
 
@@ -328,7 +329,8 @@ class DecoderState:
         they are, which is valid when every kept row still belongs to the same source sentence.
         """
         if self.memory_mask is not None and not self_attention_only:
-            self.memory_mask = self.memory_mask.index_select(0, index)
+            rows = self.layers[0].cross_rows if self.layers else 1
+            self.memory_mask = self.memory_mask.index_select(0, index // rows)
         for cache in self.layers:
             cache.reorder(index, self_attention_only)
 

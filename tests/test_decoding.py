@@ -100,6 +100,21 @@ def test_cache_follows_any_reorder_like_a_full_recompute():
     torch.testing.assert_close(decoder.step(prefix[:, -1]), full, atol=1e-5, rtol=1e-5)
 
 
+def test_a_full_state_reorder_after_grouped_beams_keeps_each_rows_source():
+    model = tiny_model(12)
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, PAD_ID]])
+    decoder = TransformerDecoder(model, src)
+    decoder.step(torch.full((2,), BOS_ID))
+    decoder.reorder(torch.tensor([0, 0, 0, 1, 1, 1]))  # the cache now holds one row per source
+    decoder.step(torch.tensor([3, 4, 5, 6, 7, 8]))
+    index = torch.tensor([5, 0, 3])  # rows of sources 1, 0, 1, moved by the state itself
+    decoder.state.reorder(index)
+    prefix = torch.tensor([[BOS_ID, 8, 9], [BOS_ID, 3, 10], [BOS_ID, 6, 11]])
+    with torch.no_grad():
+        full = torch.log_softmax(model(src[[1, 0, 1]], prefix)[:, -1], dim=-1)
+    torch.testing.assert_close(decoder.step(prefix[:, -1]), full, atol=1e-5, rtol=1e-5)
+
+
 def test_int8_quantizes_a_copy_and_stays_close_to_fp32():
     model = tiny_model(12)
     quantized = quantize_int8(model, "cpu")
