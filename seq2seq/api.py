@@ -24,11 +24,11 @@ import torch
 
 from seq2seq.checkpoint import load_model
 from seq2seq.config import DecodeConfig, RunConfig
+from seq2seq.decoding import quantize_int8, translate_nbest
 from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
 from seq2seq.model import count_parameters
 from seq2seq.sample import generate as sample_text
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from seq2seq.translate import translate_nbest
 
 SCORE_BATCH = 64  # pairs per forward pass in Translator.score
 _Loaded = TypeVar("_Loaded", bound="_LoadedModel")
@@ -70,18 +70,28 @@ class _LoadedModel:
         Args:
             directory: the directory ``seq2seq train`` or ``seq2seq average`` wrote.
             device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :mod:`seq2seq.hardware`).
+            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :mod:`seq2seq.hardware`),
+                or ``int8`` (CPU only): the linear layers dynamically quantized
+                (:func:`seq2seq.decoding.quantize_int8`), the rest in fp32.
 
         Returns:
             The loaded object, its model in eval mode on ``device``.
 
         Raises:
             CheckpointError: a missing or corrupt file, named in the message.
-            ValueError: an unknown device or precision, or a directory of the other kind of model.
+            ValueError: an unknown device or precision, int8 off the CPU, or a directory of the
+                other kind of model.
         """
         resolved = resolve_device(device)
-        choice = resolve_precision(precision, resolved)
+        if precision == "int8":
+            if resolved.type != "cpu":
+                raise ValueError(f"precision int8 runs on the CPU only, not on {resolved}")
+            choice = PrecisionChoice("fp32", "int8: linear layers dynamically quantized")
+        else:
+            choice = resolve_precision(precision, resolved)
         model, tokenizer, config = load_model(directory, device=resolved)
+        if precision == "int8":
+            model = quantize_int8(model, resolved)
         return cls(model, tokenizer, config, resolved, choice, name=Path(directory).name)
 
     @property

@@ -261,21 +261,62 @@ class EncoderLayer(nn.Module):
 
 @dataclass
 class LayerCache:
-    """Keys and values one decoder layer has seen: (b, h, positions, d) each."""
+    """Keys and values one decoder layer has seen: (b, h, positions, d) each.
+
+    The self-attention ones are views of preallocated buffers (positions, b, h, d), time-major
+    only inside: a new position is written in place (no ``torch.cat`` of the whole prefix per
+    step) and a beam reorder is one ``index_select`` into the used prefix of a fresh buffer.
+    """
 
     self_key: Tensor | None = None
     self_value: Tensor | None = None
     cross_key: Tensor | None = None
     cross_value: Tensor | None = None
+    buffers: tuple[Tensor, Tensor] | None = None  # (capacity, b, h, d) behind self_key/value
+    cross_rows: int = 1  # consecutive decoder rows (a source's beams) per cross_key row
+
+    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (b, h, n, d) new keys/values after the cached ones; all of them, (b, h, t, d)."""
+        past = 0 if self.self_key is None else self.self_key.shape[2]
+        end = past + key.shape[2]
+        if self.buffers is None or self.buffers[0].shape[0] < end:
+            capacity = max(16, 2 * end)  # doubling: O(t) copies in all, not O(t) per step
+            grown = tuple(key.new_empty(capacity, *key.shape[:2], key.shape[3]) for _ in "kv")
+            for buffer, cached in zip(grown, (self.self_key, self.self_value)):
+                if cached is not None:
+                    buffer[:past] = rearrange(cached, "b h t d -> t b h d")
+            self.buffers = grown
+        for buffer, new in zip(self.buffers, (key, value)):
+            buffer[past:end] = rearrange(new, "b h n d -> n b h d")
+        self.self_key, self.self_value = (
+            rearrange(buffer[:end], "t b h d -> b h t d") for buffer in self.buffers
+        )
+        return self.self_key, self.self_value
 
     def reorder(self, index: Tensor, self_attention_only: bool) -> None:
         """Keep batch rows ``index``; the cross-attention ones too unless ``self_attention_only``."""
-        if self.self_key is not None:
+        if self.buffers is not None:
+            used = self.self_key.shape[2]
+            fresh = []
+            for buffer in self.buffers:
+                moved = buffer.new_empty(buffer.shape[0], index.numel(), *buffer.shape[2:])
+                if buffer.requires_grad:  # out= does not record a gradient
+                    moved[:used] = buffer[:used].index_select(1, index)
+                else:
+                    torch.index_select(buffer[:used], 1, index, out=moved[:used])
+                fresh.append(moved)
+            self.buffers = (fresh[0], fresh[1])
+            self.self_key, self.self_value = (
+                rearrange(buffer[:used], "t b h d -> b h t d") for buffer in self.buffers
+            )
+        elif self.self_key is not None:
             self.self_key = self.self_key.index_select(0, index)
             self.self_value = self.self_value.index_select(0, index)
         if self.cross_key is not None and not self_attention_only:
-            self.cross_key = self.cross_key.index_select(0, index)
-            self.cross_value = self.cross_value.index_select(0, index)
+            by_source = index // self.cross_rows  # decoder row -> its cross-attention row
+            self.cross_key = self.cross_key.index_select(0, by_source)
+            self.cross_value = self.cross_value.index_select(0, by_source)
+            self.cross_rows = 1
 
 
 @dataclass
@@ -296,9 +337,23 @@ class DecoderState:
         they are, which is valid when every kept row still belongs to the same source sentence.
         """
         if self.memory_mask is not None and not self_attention_only:
-            self.memory_mask = self.memory_mask.index_select(0, index)
+            rows = self.layers[0].cross_rows if self.layers else 1
+            self.memory_mask = self.memory_mask.index_select(0, index // rows)
         for cache in self.layers:
             cache.reorder(index, self_attention_only)
+
+    def reorder_cross(self, index: Tensor | None, rows: int) -> None:
+        """Keep cross-attention rows ``index`` (None: all), each now serving ``rows`` consecutive
+        decoder rows: the beams of one source then attend to its keys as one batch row, so
+        the cross-attention cache is per source, not per beam, and moves only when sources do."""
+        if index is not None:
+            if self.memory_mask is not None:
+                self.memory_mask = self.memory_mask.index_select(0, index)
+            for cache in self.layers:
+                cache.cross_key = cache.cross_key.index_select(0, index)
+                cache.cross_value = cache.cross_value.index_select(0, index)
+        for cache in self.layers:
+            cache.cross_rows = rows
 
 
 class DecoderLayer(nn.Module):
@@ -339,10 +394,7 @@ class DecoderLayer(nn.Module):
             if cache is None:
                 return self.self_attention.attend(y, key, value, None, True, self_probs)
             past = 0 if cache.self_key is None else cache.self_key.shape[2]
-            if cache.self_key is not None:
-                key = torch.cat([cache.self_key, key], dim=2)
-                value = torch.cat([cache.self_value, value], dim=2)
-            cache.self_key, cache.self_value = key, value
+            key, value = cache.append(key, value)
             mask = None
             if y.shape[1] > 1:  # several new positions: each sees the prefix and itself
                 mask = causal_mask(y.shape[1], past + y.shape[1], y.device, offset=past)
@@ -355,7 +407,11 @@ class DecoderLayer(nn.Module):
                 key, value = self.cross_attention.project_key_value(memory)
                 if cache is not None:
                     cache.cross_key, cache.cross_value = key, value
-            return self.cross_attention.attend(y, key, value, memory_mask, False, cross_probs)
+            rows = 1 if cache is None else cache.cross_rows
+            if rows > 1:  # a source's beams: one batch row of rows * n queries
+                y = rearrange(y, "(b r) n m -> b (r n) m", r=rows)
+            out = self.cross_attention.attend(y, key, value, memory_mask, False, cross_probs)
+            return out if rows == 1 else rearrange(out, "b (r n) m -> (b r) n m", r=rows)
 
         x = self.self_attention_block(x, self_attend)
         if self.cross_attention is not None:

@@ -2,25 +2,23 @@
 
     seq2seq translate --model runs/m30k/avg [--input test.de] [--output hyp.en] [--beam 4]
 
-Flow per chunk of ``chunk_size`` input lines (so a huge file never sits in memory): decode UTF-8
-per line -> tokenize -> sort by source length -> token-budget batches -> :mod:`seq2seq.search`
--> restore input order -> detokenize -> write. An empty or whitespace-only line gives an empty
-line without touching the model. A source longer than the model's ``max_positions`` (EOS
-included) is truncated, with one warning at the end giving the count. Line breaks inside an
-output (``\\n``, ``\\r`` and the other characters ``str.splitlines`` breaks on) become spaces.
+Per chunk of input lines (a huge file never sits in memory), :mod:`seq2seq.decoding` tokenizes,
+sorts by length, searches token-budget batches, restores input order and detokenizes (it also
+holds the length limit ``max_len_a * source_len + max_len_b``, shared with ``Translator`` and
+validation BLEU). An empty or whitespace-only line gives an empty line without touching the
+model. A source longer than ``max_positions`` (EOS included) is truncated, with one warning at
+the end giving the count. Line breaks inside an output (``\\n``, ``\\r`` and the other
+characters ``str.splitlines`` breaks on) become spaces.
 
 Input from stdin (a terminal or a pipe: a person typing, or a program in a dialogue) is
 translated one line at a time, each answer written and flushed as soon as its line arrives;
 ``--input FILE`` is read in chunks of ``CHUNK_LINES`` lines, sorted by length into full batches,
 so translate a large corpus with ``--input`` for throughput.
 
-Output length limit per sentence: ``max_len = max_len_a * source_len + max_len_b`` tokens
-(source_len counts EOS; max_len counts generated tokens including EOS), capped at
-``max_positions``. ``beam_size=1`` runs :func:`seq2seq.search.greedy`, which gives the same result.
-
-``--precision auto|fp32|bf16`` (default auto) picks the autocast dtype through
-:func:`seq2seq.hardware.resolve_precision` and prints its choice and reason at start; ``--bf16`` is
-a deprecated alias for ``--precision bf16``.
+``--precision auto|fp32|bf16|int8`` (default auto) picks the autocast dtype through
+:func:`seq2seq.hardware.resolve_precision` and prints its choice and reason at start; ``int8``
+(CPU only) runs the linear layers dynamically quantized (:func:`seq2seq.decoding.quantize_int8`);
+``--bf16`` is a deprecated alias for ``--precision bf16``.
 
 ``--nbest K`` writes exactly K lines per input line, ``INDEX ||| HYPOTHESIS ||| SCORE`` with a
 0-based input index and the length-normalised log-probability score; missing hypotheses (an
@@ -51,14 +49,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import math
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
@@ -66,37 +61,23 @@ from tqdm import tqdm
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
-from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
-from seq2seq.search import (
-    NEG_INF,
-    Hypothesis,
-    IncrementalDecoder,
-    TransformerDecoder,
-    beam_search,
-    block_tokens,
-    greedy,
-    sample,
+from seq2seq.decoding import (  # noqa: F401  (the rest are re-exported for importers of this module)
+    CHUNK_LINES,
+    TranslateStats,
+    clean_line,
+    quantize_int8,
+    seeded_generator,
+    token_batches,
+    translate_ids,
+    translate_nbest,
 )
-from seq2seq.textio import LINE_BREAKS, iter_lines
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-
-CHUNK_LINES = 10_000
-# Everything str.splitlines() treats as a line boundary, mapped to a space.
+from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
+from seq2seq.textio import iter_lines
+from seq2seq.tokenizer import Tokenizer
 
 
 class TranslateError(ValueError):
     """Unusable input or settings; the message names the file and line."""
-
-
-@dataclass
-class TranslateStats:
-    """Counts for the throughput report, filled in while translating."""
-
-    lines: int = 0
-    decoded: int = 0  # non-empty lines sent to the model
-    generated_tokens: int = 0  # best hypotheses' tokens, EOS included
-    truncated: int = 0
-    seconds: float = 0.0
 
 
 def translate_lines(
@@ -111,238 +92,10 @@ def translate_lines(
 ) -> Iterator[str]:
     """Yield the best translation of each line, in order (an empty line for an empty one).
 
-    ``dtype`` is the autocast dtype (None: full precision); ``bf16=True`` is the deprecated
-    spelling of ``dtype=torch.bfloat16``.
+    ``dtype`` is the autocast dtype (None: full precision); ``bf16=True``: deprecated bfloat16.
     """
     for nbest in translate_nbest(model, tokenizer, lines, decode, device, bf16, dtype=dtype):
         yield nbest[0][0] if nbest else ""
-
-
-def translate_nbest(
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    lines: Iterable[str],
-    decode: DecodeConfig,
-    device: str | torch.device = "cpu",
-    bf16: bool = False,
-    stats: TranslateStats | None = None,
-    chunk_size: int = CHUNK_LINES,
-    dtype: torch.dtype | None = None,
-    sampler: torch.Generator | None = None,
-    progress: Callable[[int], object] | None = None,
-) -> Iterator[list[tuple[str, float]]]:
-    """Yield, per input line, up to ``decode.nbest`` ``(text, score)`` pairs, best first.
-
-    Empty or whitespace-only lines yield ``[]``. Lines are consumed ``chunk_size`` at a time.
-    When any source was truncated, one warning with the count goes to stderr at the end.
-    ``dtype`` is the autocast dtype (None: full precision; ``bf16=True``: deprecated bfloat16).
-    With a ``sampler``, each line gets one translation drawn with it (see :func:`translate_ids`).
-    ``progress`` is called with the number of input lines finished, after each batch.
-    """
-    stats = TranslateStats() if stats is None else stats
-    dtype = autocast_dtype(bf16, dtype)
-    limit = model.config.max_positions - 1  # source pieces, leaving room for EOS
-    iterator = iter(lines)
-    while chunk := list(itertools.islice(iterator, chunk_size)):
-        start = time.perf_counter()
-        results: list[list[tuple[str, float]]] = [[] for _ in chunk]
-        todo = [i for i, line in enumerate(chunk) if line.strip()]
-        sources = tokenizer.encode_source_batch([chunk[i] for i in todo])
-        stats.truncated += sum(len(ids) > limit for ids in sources)
-        sources = [ids[:limit] + [EOS_ID] for ids in sources]
-        for batch in token_batches([len(ids) for ids in sources], decode.batch_tokens):
-            batch_sources = [sources[j] for j in batch]
-            hyps = _translate_halving(model, batch_sources, decode, device, dtype, sampler)
-            for j, nbest in zip(batch, hyps):
-                results[todo[j]] = [
-                    (clean_line(tokenizer.decode_target(h.tokens)), h.score) for h in nbest
-                ]
-                stats.generated_tokens += len(nbest[0].tokens) + 1
-            if progress is not None:
-                progress(len(batch))
-        if progress is not None and len(chunk) > len(todo):
-            progress(len(chunk) - len(todo))  # the empty lines
-        stats.lines += len(chunk)
-        stats.decoded += len(todo)
-        stats.seconds += time.perf_counter() - start
-        yield from results
-    if stats.truncated:
-        print(
-            f"warning: {stats.truncated} input line(s) longer than {limit} source tokens were "
-            f"truncated to fit the model's max_positions={limit + 1}",
-            file=sys.stderr,
-        )
-
-
-def _translate_halving(
-    model: torch.nn.Module,
-    sources: list[list[int]],
-    decode: DecodeConfig,
-    device: str | torch.device,
-    dtype: torch.dtype | None,
-    sampler: torch.Generator | None = None,
-) -> list[list[Hypothesis]]:
-    """``translate_ids``, retried on halves of the batch while the device runs out of memory."""
-    try:
-        return translate_ids(model, sources, decode, device, False, dtype, sampler)
-    except torch.OutOfMemoryError:
-        if len(sources) == 1:
-            raise
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(sources) // 2
-        print(
-            f"warning: out of memory on a batch of {len(sources)} sentences; retrying as "
-            f"{half} + {len(sources) - half}",
-            file=sys.stderr,
-        )
-        return _translate_halving(model, sources[:half], decode, device, dtype, sampler) + (
-            _translate_halving(model, sources[half:], decode, device, dtype, sampler)
-        )
-
-
-def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first so that rows x longest source <= ``batch_tokens``
-    (a longer single source still gets its own batch)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def translate_ids(
-    model: torch.nn.Module,
-    sources: list[list[int]],
-    decode: DecodeConfig,
-    device: str | torch.device = "cpu",
-    bf16: bool = False,
-    dtype: torch.dtype | None = None,
-    sampler: torch.Generator | None = None,
-) -> list[list[Hypothesis]]:
-    """Search one batch of source ids (each ending in EOS); per source its n-best hypotheses.
-
-    The model runs in eval mode, under autocast to ``dtype`` when given (``bf16=True`` is the
-    deprecated spelling of bfloat16), and is put back in its previous mode afterwards.
-
-    With a ``sampler`` (a seeded ``torch.Generator`` on ``device``), each source gets one
-    hypothesis drawn by :func:`seq2seq.search.sample` with ``decode.temperature``, ``top_k`` and
-    ``top_p`` under greedy's constraints; its ``score`` and ``log_prob`` are NaN (not searched).
-    """
-    dtype = autocast_dtype(bf16, dtype)
-    width = max(len(ids) for ids in sources)
-    src = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for ids in sources], device=device)
-    src_len = torch.tensor([len(ids) for ids in sources], device=device)
-    max_len = (decode.max_len_a * src_len + decode.max_len_b).long()
-    max_len = max_len.clamp(1, model.config.max_positions)
-    autocast = (
-        torch.autocast(torch.device(device).type, dtype=dtype)
-        if dtype is not None
-        else contextlib.nullcontext()
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast:
-            decoder = TransformerDecoder(model, src)
-            settings = dict(
-                max_len=max_len,
-                min_len=decode.min_len,
-                no_repeat_ngram_size=decode.no_repeat_ngram_size,
-                length_penalty_alpha=decode.length_penalty,
-            )
-            if sampler is not None:
-                drawn = _sample_hypotheses(decoder, len(sources), decode, max_len, sampler)
-                return [[hyp] for hyp in drawn]
-            if decode.beam_size == 1:
-                return [[hyp] for hyp in greedy(decoder, len(sources), **settings)]
-            return beam_search(
-                decoder, len(sources), decode.beam_size, nbest=decode.nbest, **settings
-            )
-    finally:
-        model.train(was_training)
-
-
-def _sample_hypotheses(
-    decoder: TransformerDecoder,
-    batch_size: int,
-    decode: DecodeConfig,
-    max_len: torch.Tensor,
-    generator: torch.Generator,
-) -> list[Hypothesis]:
-    """One drawn translation per row, under greedy's constraints (see :class:`ConstrainedSteps`)."""
-    steps = ConstrainedSteps(decoder, max_len, decode.min_len, decode.no_repeat_ngram_size)
-    start = torch.full((batch_size,), BOS_ID, dtype=torch.long, device=max_len.device)
-    rows = sample(
-        steps, start, int(max_len.max()), decode.temperature, decode.top_k, decode.top_p,
-        generator, eos_id=EOS_ID,
-    )  # fmt: skip
-    return [Hypothesis(tokens, math.nan, math.nan) for tokens in rows]
-
-
-class ConstrainedSteps:
-    """An :class:`~seq2seq.search.IncrementalDecoder` whose log-probabilities already carry the
-    search constraints of :func:`seq2seq.search.block_tokens` (no PAD/BOS, EOS only after
-    ``min_len`` tokens and forced at ``max_len``, no repeated n-grams), so that
-    :func:`seq2seq.search.sample` draws under the rules greedy and beam search follow.
-
-    A row never left with nothing to draw: where every token is blocked (only possible after the
-    row's EOS, which sampling keeps feeding until all rows are done), EOS is allowed.
-    """
-
-    def __init__(
-        self, decoder: IncrementalDecoder, max_len: torch.Tensor, min_len: int, no_repeat: int
-    ) -> None:
-        self.decoder, self.max_len, self.min_len, self.no_repeat = (
-            decoder,
-            max_len,
-            min_len,
-            no_repeat,
-        )
-        self.history = torch.empty(max_len.size(0), 0, dtype=torch.long, device=max_len.device)
-        self.steps = 0
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.steps:  # the first call feeds BOS, which is not part of the output
-            self.history = torch.cat([self.history, tokens[:, None]], dim=1)
-        log_probs = block_tokens(
-            self.decoder.step(tokens), self.steps, self.history, self.max_len, self.min_len,
-            self.no_repeat,
-        )  # fmt: skip
-        stuck = (log_probs == NEG_INF).all(dim=-1)
-        log_probs[stuck, EOS_ID] = 0.0
-        self.steps += 1
-        return log_probs
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.decoder.reorder(index)
-        self.history, self.max_len = self.history[index], self.max_len[index]
-
-
-def seeded_generator(seed: int | None, device: str | torch.device) -> torch.Generator:
-    """A generator on ``device``: seeded with ``seed``, or from the OS when None (the global RNG
-    is left alone either way)."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-def autocast_dtype(bf16: bool, dtype: torch.dtype | None) -> torch.dtype | None:
-    """The autocast dtype from the new ``dtype`` argument or the deprecated ``bf16`` flag."""
-    if bf16 and dtype not in (None, torch.bfloat16):
-        raise ValueError(f"bf16=True contradicts dtype={dtype}")
-    return torch.bfloat16 if bf16 else dtype
-
-
-def clean_line(text: str) -> str:
-    """``text`` on one line: every line-break character becomes a space."""
-    return text.translate(LINE_BREAKS)
 
 
 def read_utf8_lines(stream: BinaryIO, name: str, replace_invalid: bool = False) -> Iterator[str]:
@@ -455,16 +208,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="with --sample: nucleus mass to keep, in (0, 1]")
     p.add_argument("--seed", type=int, help="with --sample: random seed (default: random)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    add_precision_flags(p)
+    add_precision_flags(p, int8=True)
     p.add_argument("--replace-invalid", action="store_true", help="replace invalid UTF-8 bytes")
     return p
 
 
-def add_precision_flags(p: argparse.ArgumentParser) -> None:
-    """``--precision auto|fp32|bf16`` and its deprecated alias ``--bf16``."""
+def add_precision_flags(p: argparse.ArgumentParser, int8: bool = False) -> None:
+    """``--precision auto|fp32|bf16`` (``|int8`` with ``int8``) and the deprecated ``--bf16``."""
     p.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=("auto", "fp32", "bf16", "int8") if int8 else ("auto", "fp32", "bf16"),
         default=None,
         help="autocast precision (default auto: bf16 where the hardware runs it natively)",
     )
@@ -484,6 +237,10 @@ def resolve_cli_device(args: argparse.Namespace) -> tuple[torch.device, Precisio
     if args.bf16 and args.precision not in (None, "bf16"):
         raise TranslateError(f"--bf16 contradicts --precision {args.precision}")
     requested = "bf16" if args.bf16 else (args.precision or "auto")
+    if requested == "int8":
+        if device.type != "cpu":
+            raise TranslateError(f"--precision int8 runs on the CPU only, not on --device {device}")
+        return device, PrecisionChoice("fp32", "linear layers dynamically quantized"), requested
     try:
         return device, resolve_precision(requested, device), requested
     except ValueError as error:
@@ -521,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             f"top_p={decode.top_p}, seed {args.seed}",
             file=sys.stderr,
         )
-    print(f"translate: {precision.describe(requested)}", file=sys.stderr)
+    if requested == "int8":
+        model = quantize_int8(model, device)
+        print(f"translate: precision: int8 ({precision.reason})", file=sys.stderr)
+    else:
+        print(f"translate: {precision.describe(requested)}", file=sys.stderr)
 
     stats = TranslateStats()
     with contextlib.ExitStack() as stack:

@@ -6,6 +6,7 @@ the figures are those of the whole split whatever the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,9 +17,9 @@ from torch import nn
 from seq2seq import distributed
 from seq2seq.config import BatchConfig, DecodeConfig
 from seq2seq.data import Batch, LMCorpus, TokenizedCorpus, batch_indices, collate, lm_eval_batches
+from seq2seq.decoding import translate_ids
 from seq2seq.loss import label_smoothed_nll
-from seq2seq.search import TransformerDecoder, greedy
-from seq2seq.tokenizer import PAD_ID, Tokenizer
+from seq2seq.tokenizer import EOS_ID, Tokenizer
 
 BLEU_BATCH_SENTENCES = 64
 
@@ -82,22 +83,23 @@ def validation_bleu(
     """Greedy-decode the first ``n_sentences`` validation sources; corpus sacreBLEU.
 
     References are the prepared target ids decoded back to text (the examples that survived the
-    length filter), so the score tracks progress but is not the final test-set number. Output
-    lengths are ``max_len_a * source length + max_len_b``, at most ``max_positions``.
+    length filter), so the score tracks progress but is not the final test-set number. Decoding
+    is :func:`seq2seq.decoding.translate_ids`, as ``translate`` does, with the length limit of
+    ``decode`` (``max_len_a * source length + max_len_b``, at most ``max_positions``, which is
+    the model's ``config.max_positions``).
     """
     model.eval()
     n_sentences = min(len(corpus), n_sentences)
     mine = np.arange(n_sentences)[info.rank :: info.world_size]
     mine = mine[np.argsort(corpus.src_lengths[mine], kind="stable")]  # less padding per batch
+    # Greedy with the search's default constraints, whatever the beam and n-gram settings.
+    greedy = dataclasses.replace(decode, beam_size=1, nbest=1, min_len=1, no_repeat_ngram_size=0)
     pairs = []
     for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / BLEU_BATCH_SENTENCES))):
         if len(chunk) == 0:
             continue
-        src = collate(corpus, chunk).src.to(info.device)
-        src_lengths = (src != PAD_ID).sum(dim=1)
-        max_len = (decode.max_len_a * src_lengths + decode.max_len_b).long()
-        max_len = max_len.clamp(1, max_positions)
-        hypotheses = greedy(TransformerDecoder(model, src), len(chunk), max_len)
+        sources = [corpus.source(i).tolist() + [EOS_ID] for i in chunk.tolist()]
+        hypotheses = [nbest[0] for nbest in translate_ids(model, sources, greedy, info.device)]
         for index, hypothesis in zip(chunk.tolist(), hypotheses):
             reference = tokenizer.decode_target(corpus.target(index).tolist())
             pairs.append((index, tokenizer.decode_target(hypothesis.tokens), reference))

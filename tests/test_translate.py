@@ -195,7 +195,7 @@ def test_token_batches_and_clean_line():
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(loaded, monkeypatch, capsys):
-    import seq2seq.translate as translate_module
+    import seq2seq.decoding as translate_module  # the batched decode core
 
     model, tokenizer, config = loaded
     expected = list(translate_lines(model, tokenizer, LINES, config.decode))
