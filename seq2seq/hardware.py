@@ -119,9 +119,13 @@ def cpu_class() -> str:
     return _weaker(found, _ATEN_CAP.get(aten, "amx"))
 
 
-@torch.compiler.assume_constant_result  # a fact of the machine: compiled graphs need no guard
 def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 matmuls with bf16 instructions (AVX-512-BF16 or AMX)."""
+    """True where oneDNN runs bf16 matmuls with bf16 instructions (AVX-512-BF16 or AMX).
+
+    A fact of the machine: a run that compiles marks it ``torch.compiler.assume_constant_result``
+    first (see ``trainsetup.build_run``), so compiled graphs hold no guard on it. Marking it here
+    would import the compiler (~0.8 s) into every process.
+    """
     return cpu_class() in NATIVE_BF16_CLASSES
 
 

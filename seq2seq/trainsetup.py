@@ -37,7 +37,7 @@ from seq2seq.checkpoint import (
 )
 from seq2seq.config import ConfigError, RunConfig, TrainConfig, save_config
 from seq2seq.data import MANIFEST, TOKENIZER_DIR, LMCorpus, TokenizedCorpus, read_manifest
-from seq2seq.hardware import PrecisionChoice, resolve_precision
+from seq2seq.hardware import PrecisionChoice, cpu_has_native_bf16, resolve_precision
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
 from seq2seq.prepare import _new_manifest, _settings, prepare
@@ -163,6 +163,8 @@ def build_run(
     run = Run(config, info, *parts)
     if resume is not None:
         resume_from(run, *resume)
+    if tc.compile:
+        torch.compiler.assume_constant_result(cpu_has_native_bf16)  # marks it in place
     run.forward_model = torch.compile(model) if tc.compile else model
     run.net = run.forward_model
     if info.world_size > 1:
