@@ -479,7 +479,7 @@ def test_init_from_refuses_another_network_or_tokenizer(marian_dir, tmp_path):
     import yaml
 
     from seq2seq.data import MANIFEST, TOKENIZER_DIR
-    from seq2seq.prepare import _new_manifest, _settings
+    from seq2seq.prepare import data_fingerprint, new_manifest
     from seq2seq.tokenizer import PieceVocab, Tokenizer
     from seq2seq.train import train
 
@@ -499,7 +499,7 @@ def test_init_from_refuses_another_network_or_tokenizer(marian_dir, tmp_path):
     other = Tokenizer.load(imported / "tokenizer")
     other = Tokenizer("spm_vocab", PieceVocab(other.source.model_proto, other.source.pieces[::-1]))
     other.save(prepared / TOKENIZER_DIR)
-    manifest = json.dumps(_new_manifest(_settings(config.data), other))
+    manifest = json.dumps(new_manifest(data_fingerprint(config.data), other))
     (prepared / MANIFEST).write_text(manifest)
     with pytest.raises(ConfigError, match="another tokenizer; set prepare.out_dir"):
         train(config)
