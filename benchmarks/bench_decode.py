@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             to_marian(model, tokenizer).save_pretrained(paths["hf"], safe_serialization=True)
         for precision in ("fp32", "int8"):
             if f"ct2:{precision}" in engines:
-                from seq2seq.export import save_ctranslate2
+                from seq2seq.export_ct2 import save_ctranslate2
 
                 out = Path(scratch) / f"ct2_{precision}"
                 paths[f"ct2:{precision}"] = out

@@ -81,7 +81,8 @@ from seq2seq.data import TokenizedCorpus, batch_indices  # noqa: E402
 from seq2seq.evaluate import score  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
-from seq2seq.prepare import prepare, read_parallel  # noqa: E402
+from seq2seq.prepare import prepare  # noqa: E402
+from seq2seq.readers import read_parallel  # noqa: E402
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache" / "quality"

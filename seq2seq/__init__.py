@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from seq2seq.data import Batch, DataError, TokenizedCorpus, batch_indices, collate
     from seq2seq.evaluate import score
+    from seq2seq.hf_import import import_model
     from seq2seq.loss import label_smoothed_nll
     from seq2seq.model import GPT, Transformer, build_model
     from seq2seq.search import beam_search, greedy
@@ -60,6 +61,7 @@ _MODULE_OF = {
     "batch_indices": "seq2seq.data",
     "collate": "seq2seq.data",
     "score": "seq2seq.evaluate",
+    "import_model": "seq2seq.hf_import",
     "label_smoothed_nll": "seq2seq.loss",
     "GPT": "seq2seq.model",
     "Transformer": "seq2seq.model",
@@ -94,6 +96,7 @@ __all__ = [
     "build_model",
     "collate",
     "greedy",
+    "import_model",
     "label_smoothed_nll",
     "load_config",
     "load_model",

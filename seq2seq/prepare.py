@@ -1,14 +1,13 @@
 """Corpora in, a prepared directory out: the offline half of the data flow, run once per corpus.
 
-Flow: ``read_parallel`` / ``read_lm_text`` (text, gz, tsv, jsonl, ``datasets``) -> train the
+Flow: ``read_parallel`` / ``read_lm_text`` (``seq2seq.readers``) -> train the
 tokenizer -> encode in worker processes -> filter -> binarize -> ``manifest.json`` (layout: see
 ``seq2seq.data``). The manifest records the whole ``data`` section: the data is prepared again
 when any of it changes, never for another section (``prepare``, ``batch``, ...).
 
 Every split is filtered the same way: an example with an empty side is dropped, and one whose
 source (with EOS) or target (with BOS) is longer than ``max_source_len``/``max_target_len`` is
-dropped, or cut to fit with ``data.truncate``; both are counted and reported. The ``hf`` format
-takes a ``datasets`` name or a local folder of files named by split (``validation.jsonl``, ...).
+dropped, or cut to fit with ``data.truncate``; both are counted and reported.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import collections
 import dataclasses
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -31,157 +29,13 @@ from tqdm import tqdm
 
 from seq2seq.config import ConfigError, DataConfig, RunConfig, load_config
 from seq2seq.data import MANIFEST, TOKENIZER_DIR, DataError, read_manifest, sha256, split_files
-from seq2seq.textio import (
-    atomic_write_bytes,
-    atomic_write_text,
-    iter_lines,
-    read_text,
-    remove_stale_temporaries,
-)
+from seq2seq.readers import read_lm_text, read_parallel
+from seq2seq.textio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from seq2seq.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 _PREPARE_VERSION = 2  # 2: per-file sizes and SHA-256 in the manifest
 _CHUNK_EXAMPLES = 2000  # examples per worker task
 _CHUNK_CHARS = 1 << 20  # language-model text per worker task
-
-
-def read_parallel(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
-    """Stream the (source, target) pairs of one split as ``data.format`` says to read them.
-
-    Raises:
-        DataError: a file is missing, empty, not UTF-8, malformed, or the sides disagree in length.
-    """
-    readers = {"text": _iter_text, "tsv": _iter_tsv, "jsonl": _iter_jsonl, "hf": _iter_hf}
-    if data.format not in readers:
-        raise DataError(f"data.format={data.format!r} has no parallel splits")
-    return readers[data.format](data, split)
-
-
-def read_lm_text(data: DataConfig) -> str:
-    """The whole text of the one file a language model trains on (``data.path``, plain or .gz)."""
-    path = Path(data.path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (data.format=lm reads one text file)")
-    text = read_text(path, error=DataError)
-    if not text:
-        raise DataError(f"{path}: file is empty")
-    return text
-
-
-def _iter_text(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
-    folder = Path(data.path)
-    src_path = _find(folder, f"{split}.{data.src_lang}")
-    tgt_path = _find(folder, f"{split}.{data.tgt_lang}")
-    src_lines, tgt_lines = _lines(src_path), _lines(tgt_path)
-    for n, (src, tgt) in enumerate(itertools.zip_longest(src_lines, tgt_lines), 1):
-        if src is None or tgt is None:
-            rest = tgt_lines if src is None else src_lines
-            longer = n + sum(1 for _ in rest)
-            counts = (n - 1, longer) if src is None else (longer, n - 1)
-            raise DataError(
-                f"{src_path} has {counts[0]} lines but {tgt_path} has {counts[1]}: "
-                "parallel files must have one line per example"
-            )
-        yield src, tgt
-
-
-def _iter_tsv(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
-    path = _find(Path(data.path), f"{split}.tsv")
-    for n, line in enumerate(_lines(path), 1):
-        columns = line.split("\t")
-        if len(columns) != 2:
-            raise DataError(
-                f"{path}:{n}: expected 2 tab-separated columns (source, target), "
-                f"found {len(columns)}"
-            )
-        yield columns[0], columns[1]
-
-
-def _iter_jsonl(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
-    path = _find(Path(data.path), f"{split}.jsonl")
-    for n, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{n}: invalid JSON: {error.msg} (col {error.colno})") from None
-        where = f"{path}:{n}"
-        yield _field(record, data.src_field, where), _field(record, data.tgt_field, where)
-
-
-def _offline_hint() -> str:
-    """What to try after a failed hub load; never advice to set a variable that is set."""
-    offline = [
-        name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-    ]  # fmt: skip
-    if offline:
-        return (
-            f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set, so only the "
-            "local cache is read and it lacks this "
-            "dataset: point data.path at a local folder, or load it once with network access"
-        )
-    return (
-        "The hub may be unreachable (offline?): point data.path at a local folder, or set "
-        "HF_HUB_OFFLINE=1 to use the local cache"
-    )
-
-
-def _iter_hf(data: DataConfig, split: str) -> Iterator[tuple[str, str]]:
-    import datasets  # slow to import; only this format needs it
-
-    name = data.path
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise DataError(f"{name}: no such local dataset folder")
-    try:
-        dataset = datasets.load_dataset(name, data.hf_config or None, split=split)
-    except Exception as error:  # datasets raises many types (network, missing split, bad files)
-        raise DataError(
-            f"{name}: could not load split {split!r} (config {data.hf_config or None!r}) with "
-            f"datasets: {type(error).__name__}: {error}. {_offline_hint()}"
-        ) from error
-    columns = sorted({f.split(".")[0] for f in (data.src_field, data.tgt_field)})
-    for column in set(columns) - set(dataset.column_names):
-        raise DataError(
-            f"{name} [{split}]: no column {column!r}; available columns: {dataset.column_names}"
-        )
-    row = 0
-    for batch in dataset.select_columns(columns).iter(batch_size=1000):
-        for values in zip(*(batch[c] for c in columns)):
-            row += 1
-            record, where = dict(zip(columns, values)), f"{name} [{split}] row {row}"
-            yield _field(record, data.src_field, where), _field(record, data.tgt_field, where)
-
-
-def _field(record: Any, dotted: str, where: str) -> str:
-    value = record
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            found = sorted(value) if isinstance(value, dict) else f"a {type(value).__name__}"
-            raise DataError(
-                f"{where}: no field {dotted!r} (missing {key!r}; available keys: {found})"
-            )
-        value = value[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {dotted!r} is a {type(value).__name__}, expected a string")
-    return value
-
-
-def _find(folder: Path, name: str) -> Path:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"{folder / name}: file not found (nor {name}.gz)")
-
-
-def _lines(path: Path) -> Iterator[str]:
-    """Lines of a plain or gzip UTF-8 file (see ``seq2seq.textio.iter_lines``); never empty."""
-    n = 0
-    for n, line in enumerate(iter_lines(path, error=DataError), 1):  # noqa: B007
-        yield line
-    if n == 0:
-        raise DataError(f"{path}: file is empty")
 
 
 def prepare(config: RunConfig, splits: Sequence[str] | None = None, force: bool = False) -> Path:
@@ -201,7 +55,7 @@ def prepare(config: RunConfig, splits: Sequence[str] | None = None, force: bool 
     """
     data, workers = config.data, config.prepare.num_workers
     out = config.prepared_dir()
-    settings = _settings(data)
+    settings = data_fingerprint(data)
     tokenizer: Tokenizer | None = None
     manifest = None if force else read_manifest(out)
     if manifest is not None and manifest.get("settings") != settings:
@@ -235,7 +89,7 @@ def prepare(config: RunConfig, splits: Sequence[str] | None = None, force: bool 
         tokenizer = train_tokenizer(
             data, sources, targets, out / TOKENIZER_DIR, num_threads=max(1, workers)
         )
-        manifest = _new_manifest(settings, tokenizer)
+        manifest = new_manifest(settings, tokenizer)
     elif workers <= 1:
         tokenizer = Tokenizer.load(out / TOKENIZER_DIR)
     for split in missing:
@@ -245,15 +99,22 @@ def prepare(config: RunConfig, splits: Sequence[str] | None = None, force: bool 
     return out
 
 
-def _settings(data: DataConfig) -> dict[str, Any]:
-    """The fingerprint of a prepared directory: the whole ``data`` section, path resolved."""
+def data_fingerprint(data: DataConfig) -> dict[str, Any]:
+    """The fingerprint of a prepared directory: the whole ``data`` section, path resolved.
+
+    A prepared directory whose manifest records another fingerprint is prepared again.
+    """
     settings = dataclasses.asdict(data)
     local = Path(data.path).expanduser()
     settings["path"] = str(local.resolve()) if local.exists() else data.path
     return {"version": _PREPARE_VERSION, **settings}
 
 
-def _new_manifest(settings: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+def new_manifest(settings: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """A manifest with no split yet, for ``tokenizer`` and the fingerprint ``settings``.
+
+    The id dtype is the narrowest that holds both vocabularies (uint16, else int32).
+    """
     sizes = {"src_vocab_size": tokenizer.src_vocab_size, "tgt_vocab_size": tokenizer.tgt_vocab_size}
     joint = "joint" if tokenizer.is_joint else "separate"
     print(f"prepare: {tokenizer.kind} tokenizer, {joint} vocabularies, {sizes}")
@@ -335,7 +196,7 @@ def _prepare_lm(data: DataConfig, out: Path, settings: dict[str, Any], workers: 
     lines = _cut_after_newlines(text, 0)
     threads = max(1, workers)
     tokenizer = train_tokenizer(data, lines, None, out / TOKENIZER_DIR, num_threads=threads)
-    manifest = _new_manifest(settings, tokenizer)
+    manifest = new_manifest(settings, tokenizer)
     pieces = _cut_after_newlines(text, _CHUNK_CHARS)
     chunks = _chunks(((piece, "") for piece in pieces), 1)
     encoded = _encode(chunks, tokenizer, out / TOKENIZER_DIR, workers, data.train_split)

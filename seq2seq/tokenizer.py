@@ -9,15 +9,12 @@ Every kind reserves the same four special ids, so batches and search never need 
 ``encode_*`` return pieces only (no BOS/EOS); ``data.py`` adds them. ``decode_*`` drop PAD, BOS and
 EOS wherever they appear; callers truncate at the first EOS themselves. A saved tokenizer is a
 directory holding ``tokenizer.json`` plus ``spm.model`` (joint) or ``source.model`` and
-``target.model`` (SentencePiece), or just ``tokenizer.json`` (characters).
+``target.model`` (SentencePiece), or just ``tokenizer.json`` (characters); each side's model
+writes its own files (:meth:`Side.save_files`).
 
-Imported models (``seq2seq.hf_import``) keep their own vocabularies in our id order:
-  - ``spm_vocab`` (Marian): SentencePiece cuts text into pieces, and a piece table (our id ->
-    piece, ``pieces`` in ``tokenizer.json``) gives the ids, as ``MarianTokenizer``'s
-    ``vocab.json`` does; pieces not in the table are UNK;
-  - ``byte_bpe`` (GPT-2): a ``tokenizers`` byte-level BPE (``bpe.json``) gives its own
-    ids, which ``hf_ids`` (our id -> its id, -1 for a row it lacks) maps to ours. It needs the
-    optional ``tokenizers`` package, imported only when such a tokenizer is loaded.
+Imported models keep their own vocabularies in our id order: the kinds ``spm_vocab`` (Marian)
+and ``byte_bpe`` (GPT-2) live in :mod:`seq2seq.hf_tokenizer`, which :meth:`Tokenizer.load` loads
+only for such a tokenizer.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import sentencepiece as spm
 
@@ -43,7 +40,7 @@ EOS_ID = 3
 N_SPECIAL = 4
 SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
 UNK_TEXT = "\u2047"  # what SentencePiece prints for an unknown piece
-_DROPPED_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+DROPPED_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))  # what decode_* leave out
 _META_FILE = "tokenizer.json"
 _FORMAT_VERSION = 1
 KINDS = ("bpe", "unigram", "char", "spm_vocab", "byte_bpe")
@@ -75,9 +72,15 @@ class CharVocab:
         for i in ids:
             if i >= N_SPECIAL and i - N_SPECIAL < len(chars):
                 out.append(chars[i - N_SPECIAL])
-            elif i not in _DROPPED_IDS:
+            elif i not in DROPPED_IDS:
                 out.append(UNK_TEXT)
         return "".join(out)
+
+    def save_files(self, directory: Path, side: str, joint: bool) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "chars": self.chars}
+
+    def state(self) -> tuple:
+        return ("char", tuple(self.chars))
 
 
 class SentencePieceModel:
@@ -101,88 +104,41 @@ class SentencePieceModel:
     def decode(self, ids: Iterable[int]) -> str:
         size = self.vocab_size
         # A model may pad its vocabulary past ours; an id we never issued decodes as unknown.
-        kept = [i if i < size else UNK_ID for i in ids if i not in _DROPPED_IDS]
+        kept = [i if i < size else UNK_ID for i in ids if i not in DROPPED_IDS]
         return self.processor.decode(kept)
 
+    def save_files(self, directory: Path, side: str, joint: bool) -> dict[str, Any]:
+        name = model_file_name(side, joint)
+        atomic_write_bytes(directory / name, self.model_proto)
+        return {"vocab_size": self.vocab_size, "model_file": name}
 
-class PieceVocab:
-    """SentencePiece pieces looked up in a piece table, as Marian does (module doc).
-
-    Args:
-        model_proto: the serialized SentencePiece model that cuts text into pieces.
-        pieces: the piece of each of our ids; "" for an id no text encodes to (a row the
-            imported model lacks).
-    """
-
-    def __init__(self, model_proto: bytes, pieces: list[str]) -> None:
-        self.model_proto = model_proto
-        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.pieces = list(pieces)
-        self._ids = {piece: i for i, piece in enumerate(self.pieces) if piece}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.pieces)
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        out = []
-        for text in texts:
-            code: list[str] = []
-            end = text.find("<<") if text.startswith(">>") else -1
-            if end != -1:  # a multilingual model's target-language token, e.g. ">>fr<<"
-                code, text = [text[: end + 2]], text[end + 2 :]
-            pieces = code + self.processor.encode(text, out_type=str)
-            out.append([self._ids.get(piece, UNK_ID) for piece in pieces])
-        return out
-
-    def decode(self, ids: Iterable[int]) -> str:
-        size, pieces = self.vocab_size, self.pieces
-        kept = [pieces[i] if i < size else pieces[UNK_ID] for i in ids if i not in _DROPPED_IDS]
-        return self.processor.decode_pieces([piece for piece in kept if piece])
+    def state(self) -> tuple:
+        return ("spm", self.model_proto)
 
 
-class ByteLevelBPE:
-    """A ``tokenizers`` byte-level BPE (GPT-2's) with its ids mapped to ours (module doc).
+def model_file_name(side: str, joint: bool) -> str:
+    """The SentencePiece model file of one side in a saved tokenizer directory."""
+    return "spm.model" if joint else f"{side}.model"
 
-    Args:
-        definition: the ``tokenizers`` JSON serialization (``Tokenizer.to_str()``).
-        hf_ids: the BPE's id for each of our ids, -1 for a row it lacks.
 
-    Raises:
-        TokenizerError: ``tokenizers`` is not installed or rejects ``definition``.
-    """
-
-    def __init__(self, definition: str, hf_ids: list[int]) -> None:
-        try:
-            from tokenizers import Tokenizer as BPETokenizer
-        except ImportError:
-            raise TokenizerError(
-                "a byte_bpe tokenizer needs the optional package 'tokenizers': "
-                "pip install 'seq2seq[hf]'"
-            ) from None
-        try:
-            self.bpe = BPETokenizer.from_str(definition)
-        except Exception as error:  # tokenizers raises plain Exceptions for malformed JSON
-            raise TokenizerError(f"not a tokenizers definition: {error}") from None
-        self.definition = definition
-        self.hf_ids = list(hf_ids)
-        self._ours = {hf: ours for ours, hf in enumerate(self.hf_ids) if hf >= 0}
+class Side(Protocol):
+    """One side's model, of any kind: :class:`CharVocab`, :class:`SentencePieceModel`, or an
+    imported model's (:mod:`seq2seq.hf_tokenizer`)."""
 
     @property
-    def vocab_size(self) -> int:
-        return len(self.hf_ids)
+    def vocab_size(self) -> int: ...
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        encoded = self.bpe.encode_batch(list(texts), add_special_tokens=False)
-        return [[self._ours.get(i, UNK_ID) for i in item.ids] for item in encoded]
+    def encode(self, texts: list[str]) -> list[list[int]]: ...
 
-    def decode(self, ids: Iterable[int]) -> str:
-        size, hf_ids = self.vocab_size, self.hf_ids
-        kept = [hf_ids[i] for i in ids if i not in _DROPPED_IDS and i < size and hf_ids[i] >= 0]
-        return self.bpe.decode(kept, skip_special_tokens=False)
+    def decode(self, ids: Iterable[int]) -> str: ...
 
+    def save_files(self, directory: Path, side: str, joint: bool) -> dict[str, Any]:
+        """Write this side's file(s) into ``directory``; return its ``tokenizer.json`` entry."""
+        ...
 
-Side = SentencePieceModel | CharVocab | PieceVocab | ByteLevelBPE
+    def state(self) -> tuple:
+        """Equal for two models exactly when they give every text the same ids."""
+        ...
 
 
 class Tokenizer:
@@ -241,9 +197,6 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         sides = {"source": self.source, "target": self.target}
-        names = {"source": "spm.model", "target": "spm.model"}
-        if not self.is_joint:
-            names = {"source": "source.model", "target": "target.model"}
         meta: dict = {
             "format_version": _FORMAT_VERSION,
             "kind": self.kind,
@@ -251,23 +204,7 @@ class Tokenizer:
             "special_ids": SPECIAL_IDS,
         }
         for side, model in sides.items():
-            if isinstance(model, CharVocab):
-                meta[side] = {"vocab_size": model.vocab_size, "chars": model.chars}
-            elif isinstance(model, PieceVocab):
-                atomic_write_bytes(directory / names[side], model.model_proto)
-                meta[side] = {
-                    "vocab_size": model.vocab_size,
-                    "model_file": names[side],
-                    "pieces": model.pieces,
-                }
-            elif isinstance(model, ByteLevelBPE):
-                name = "bpe.json" if self.is_joint else f"{side}.bpe.json"
-                atomic_write_bytes(directory / name, model.definition.encode("utf-8"))
-                meta[side] = {"vocab_size": model.vocab_size, "bpe_file": name}
-                meta[side]["hf_ids"] = model.hf_ids
-            else:
-                atomic_write_bytes(directory / names[side], model.model_proto)
-                meta[side] = {"vocab_size": model.vocab_size, "model_file": names[side]}
+            meta[side] = model.save_files(directory, side, self.is_joint)
         text = json.dumps(meta, indent=1, ensure_ascii=True) + "\n"
         atomic_write_bytes(directory / _META_FILE, text.encode("utf-8"))
         return directory
@@ -275,19 +212,10 @@ class Tokenizer:
     def same_as(self, other: Tokenizer) -> bool:
         """True when ``other`` turns every text into the same ids (same kind, same models)."""
 
-        def state(model: Side) -> tuple:
-            if isinstance(model, CharVocab):
-                return ("char", tuple(model.chars))
-            if isinstance(model, PieceVocab):
-                return ("pieces", model.model_proto, tuple(model.pieces))
-            if isinstance(model, ByteLevelBPE):
-                return ("bpe", model.definition, tuple(model.hf_ids))
-            return ("spm", model.model_proto)
-
-        return (self.kind, state(self.source), state(self.target)) == (
+        return (self.kind, self.source.state(), self.target.state()) == (
             other.kind,
-            state(other.source),
-            state(other.target),
+            other.source.state(),
+            other.target.state(),
         )
 
     @classmethod
@@ -348,7 +276,9 @@ class Tokenizer:
 def _load_side(directory: Path, meta_path: Path, side: str, entry: dict) -> Side:
     """One side's model from its ``tokenizer.json`` entry; errors name the file at fault."""
     if "bpe_file" in entry:
-        return _load_bpe(directory, meta_path, side, entry)
+        from seq2seq.hf_tokenizer import load_bpe  # the optional kinds load only when used
+
+        return load_bpe(directory, meta_path, side, entry)
     if "chars" in entry:
         chars = entry["chars"]
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
@@ -375,30 +305,13 @@ def _load_side(directory: Path, meta_path: Path, side: str, entry: dict) -> Side
     ):
         raise TokenizerError(f"{meta_path}: {side}.pieces must be a list of strings")
     try:
-        return SentencePieceModel(payload) if pieces is None else PieceVocab(payload, pieces)
+        if pieces is None:
+            return SentencePieceModel(payload)
+        from seq2seq.hf_tokenizer import PieceVocab
+
+        return PieceVocab(payload, pieces)
     except RuntimeError as error:
         raise TokenizerError(f"{path}: not a SentencePiece model: {error}") from error
-    except TokenizerError as error:
-        raise TokenizerError(f"{path}: {error}") from None
-
-
-def _load_bpe(directory: Path, meta_path: Path, side: str, entry: dict) -> ByteLevelBPE:
-    name, hf_ids = entry.get("bpe_file"), entry.get("hf_ids")
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise TokenizerError(
-            f"{meta_path}: {side}.bpe_file must name a file in {directory}, got {name!r}"
-        )
-    if not isinstance(hf_ids, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in hf_ids
-    ):
-        raise TokenizerError(f"{meta_path}: {side}.hf_ids must be a list of integers")
-    path = directory / name
-    try:
-        definition = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise TokenizerError(f"{path}: cannot read the BPE definition: {error}") from error
-    try:
-        return ByteLevelBPE(definition, hf_ids)
     except TokenizerError as error:
         raise TokenizerError(f"{path}: {error}") from None
 

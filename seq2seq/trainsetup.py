@@ -40,7 +40,7 @@ from seq2seq.data import MANIFEST, TOKENIZER_DIR, LMCorpus, TokenizedCorpus, rea
 from seq2seq.hardware import PrecisionChoice, cpu_has_native_bf16, resolve_precision
 from seq2seq.model import build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
-from seq2seq.prepare import _new_manifest, _settings, prepare
+from seq2seq.prepare import data_fingerprint, new_manifest, prepare
 from seq2seq.textio import atomic_write_text
 from seq2seq.tokenizer import Tokenizer
 
@@ -202,7 +202,7 @@ def use_init_tokenizer(config: RunConfig) -> None:
             )
     tokenizer = Tokenizer.load(directory / "tokenizer")
     prepared = config.prepared_dir()
-    manifest, settings = read_manifest(prepared), _settings(config.data)
+    manifest, settings = read_manifest(prepared), data_fingerprint(config.data)
     if manifest is not None and manifest.get("settings") == settings:
         if not Tokenizer.load(prepared / TOKENIZER_DIR).same_as(tokenizer):
             raise ConfigError(
@@ -213,7 +213,7 @@ def use_init_tokenizer(config: RunConfig) -> None:
     prepared.mkdir(parents=True, exist_ok=True)
     (prepared / MANIFEST).unlink(missing_ok=True)
     tokenizer.save(prepared / TOKENIZER_DIR)
-    atomic_write_text(prepared / MANIFEST, json.dumps(_new_manifest(settings, tokenizer), indent=1))
+    atomic_write_text(prepared / MANIFEST, json.dumps(new_manifest(settings, tokenizer), indent=1))
 
 
 def init_weights(run: Run, tokenizer: Tokenizer) -> None:

@@ -26,7 +26,8 @@ import torch
 
 from seq2seq.checkpoint import save_checkpoint
 from seq2seq.config import DataConfig, DecodeConfig, ModelConfig, RunConfig, TrainConfig
-from seq2seq.export import ExportError, main, save_ctranslate2
+from seq2seq.export import ExportError, main
+from seq2seq.export_ct2 import save_ctranslate2
 from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharVocab, Tokenizer, train_tokenizer
 from seq2seq.translate import translate_lines

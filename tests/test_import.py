@@ -24,7 +24,7 @@ import sentencepiece as spm
 import torch
 from conftest import WORDS_DE, WORDS_EN
 
-from seq2seq import hf_import
+from seq2seq import hf_convert, hf_import
 from seq2seq.checkpoint import load_model
 from seq2seq.config import ConfigError, DecodeConfig, config_from_dict
 from seq2seq.export import to_marian
@@ -135,7 +135,7 @@ def marian_dir(tmp_path_factory) -> Path:
 def marian(marian_dir):
     hf = transformers.MarianMTModel.from_pretrained(marian_dir).eval()
     hf_tokenizer = transformers.MarianTokenizer.from_pretrained(marian_dir)
-    ours, tokenizer, config = hf_import.import_marian(marian_dir)
+    ours, tokenizer, config = hf_convert.import_marian(marian_dir)
     return hf, hf_tokenizer, ours, tokenizer, config
 
 
@@ -268,7 +268,7 @@ def test_marian_separate_vocabularies_and_options(tmp_path):
     )
     hf = transformers.MarianMTModel.from_pretrained(directory).eval()
     hf_tokenizer = transformers.MarianTokenizer.from_pretrained(directory)
-    ours, tokenizer, config = hf_import.import_marian(directory)
+    ours, tokenizer, config = hf_convert.import_marian(directory)
     assert not config.model.share_embeddings and not config.model.scale_embedding
     assert config.model.activation == "gelu" and not config.model.tie_output
     source_vocab = hf_tokenizer.get_src_vocab()
@@ -328,7 +328,7 @@ def gpt2_dir(tmp_path_factory) -> Path:
 def gpt2(gpt2_dir):
     hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
-    ours, tokenizer, config = hf_import.import_gpt2(gpt2_dir)
+    ours, tokenizer, config = hf_convert.import_gpt2(gpt2_dir)
     return hf, hf_tokenizer, ours, tokenizer, config
 
 
@@ -479,8 +479,9 @@ def test_init_from_refuses_another_network_or_tokenizer(marian_dir, tmp_path):
     import yaml
 
     from seq2seq.data import MANIFEST, TOKENIZER_DIR
-    from seq2seq.prepare import _new_manifest, _settings
-    from seq2seq.tokenizer import PieceVocab, Tokenizer
+    from seq2seq.hf_tokenizer import PieceVocab
+    from seq2seq.prepare import data_fingerprint, new_manifest
+    from seq2seq.tokenizer import Tokenizer
     from seq2seq.train import train
 
     imported = tmp_path / "imported"
@@ -499,7 +500,7 @@ def test_init_from_refuses_another_network_or_tokenizer(marian_dir, tmp_path):
     other = Tokenizer.load(imported / "tokenizer")
     other = Tokenizer("spm_vocab", PieceVocab(other.source.model_proto, other.source.pieces[::-1]))
     other.save(prepared / TOKENIZER_DIR)
-    manifest = json.dumps(_new_manifest(_settings(config.data), other))
+    manifest = json.dumps(new_manifest(data_fingerprint(config.data), other))
     (prepared / MANIFEST).write_text(manifest)
     with pytest.raises(ConfigError, match="another tokenizer; set prepare.out_dir"):
         train(config)

@@ -18,7 +18,8 @@ import pytest
 
 from seq2seq.config import ConfigError, config_from_dict
 from seq2seq.data import DataError, TokenizedCorpus
-from seq2seq.prepare import main, prepare, read_lm_text, read_parallel
+from seq2seq.prepare import main, prepare
+from seq2seq.readers import read_lm_text, read_parallel
 from seq2seq.tokenizer import Tokenizer
 
 prepare_module = importlib.import_module("seq2seq.prepare")  # the module, not its function

@@ -478,7 +478,7 @@ def test_wmt_recipe_takes_src_and_tgt(tmp_path):
 def test_offline_hub_error_does_not_ask_for_what_is_set(monkeypatch):
     from seq2seq.config import DataConfig
     from seq2seq.data import DataError
-    from seq2seq.prepare import read_parallel
+    from seq2seq.readers import read_parallel
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)

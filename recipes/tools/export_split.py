@@ -3,7 +3,7 @@
     python recipes/tools/export_split.py CONFIG.yaml [section.key=value ...] --split test \
         --source OUT/test.src --target OUT/test.ref [--reference FIELD=PATH ...] [--max-lines N]
 
-The corpus is read exactly as training reads it (``seq2seq.prepare.read_parallel``: text, gz, tsv,
+The corpus is read exactly as training reads it (``seq2seq.readers.read_parallel``: text, gz, tsv,
 jsonl or a ``datasets`` name), so the recipes need no format-specific shell code. A line break
 inside an example (a dialogue turn, a summary sentence) becomes a space, because ``translate``
 and ``evaluate`` take one example per line. ``--reference FIELD=PATH`` writes further references
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from seq2seq.config import ConfigError, load_config
 from seq2seq.data import DataError
-from seq2seq.prepare import read_lm_text, read_parallel
+from seq2seq.readers import read_lm_text, read_parallel
 from seq2seq.textio import LINE_BREAKS, atomic_write_text
 
 

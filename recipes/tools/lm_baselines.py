@@ -21,7 +21,7 @@ from pathlib import Path
 
 from seq2seq.config import ConfigError, load_config
 from seq2seq.data import DataError
-from seq2seq.prepare import read_lm_text
+from seq2seq.readers import read_lm_text
 
 
 def baselines(train_text: str) -> dict[str, float]:
