@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib
 import os
 import sys
@@ -23,13 +24,28 @@ PROCESS_DEFAULTS = {
 
 
 def configure_process() -> None:
-    """Set :data:`PROCESS_DEFAULTS` that the user has not set, then fix the allocator's mapping
-    threshold (:func:`seq2seq.hardware.fix_malloc_mmap_threshold`); call before torch is imported."""
+    """Set :data:`PROCESS_DEFAULTS` that the user has not set; call before torch is imported."""
     for name, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    from seq2seq.hardware import fix_malloc_mmap_threshold  # imports torch: after the variables
 
-    fix_malloc_mmap_threshold()
+
+def tcmalloc_environment(environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment to run this command again in with tcmalloc preloaded, or None to go on.
+
+    glibc's allocator keeps the freed activations of batches of varying shapes in a fragmented
+    heap: a Multi30k training process grew to 3.8 GB, 6.8x the tensors an update needs, and kept
+    growing; under gperftools' tcmalloc the same run peaked at 1.9 GB, flat, with a tenth of the
+    system time (benchmarks/bench_memory.py, RESULTS.md). A preload must be in place when the
+    process starts, hence the new run. Nothing changes where tcmalloc is not installed (Debian and
+    Ubuntu: ``libtcmalloc-minimal4``), when ``LD_PRELOAD`` is already set, or with
+    ``SEQ2SEQ_ALLOCATOR=system``.
+    """
+    if environ.get("SEQ2SEQ_ALLOCATOR", "tcmalloc") != "tcmalloc" or environ.get("LD_PRELOAD"):
+        return None
+    library = ctypes.util.find_library("tcmalloc_minimal")
+    if library is None:
+        return None
+    return {**environ, "LD_PRELOAD": library}
 
 
 # subcommand -> (module, one-line help). Each module exposes ``main(argv) -> int``.
@@ -61,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0 if argv else 2
     module_name, _ = SUBCOMMANDS[argv[0]]
+    preloaded = tcmalloc_environment(dict(os.environ))
+    if preloaded is not None:  # the same command again, same process id, before torch is loaded
+        os.execve(sys.executable, [sys.executable, "-m", "seq2seq", *argv], preloaded)
     configure_process()
     module = importlib.import_module(module_name)
     return int(module.main(argv[1:]) or 0)

@@ -17,7 +17,6 @@ least of what the CPU reports and what either variable allows.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import platform
@@ -209,27 +208,3 @@ def resolve_precision(
         return PrecisionChoice("bf16", f"asked for; CPU without native bf16: {cls}, slow")
     return PrecisionChoice(requested, f"asked for, on CPU class {cls}")
 
-
-# glibc hands an allocation of at least M_MMAP_THRESHOLD bytes its own mapping, returned to the
-# system when it is freed. By default the threshold adapts: every freed mapped block raises it to
-# that block's size (up to 32 MiB), so after the first few updates a training step's large tensors
-# come from the heap instead, and batches of varying shapes fragment it: a Multi30k run's RSS grew
-# all run long, to 6.8x the tensors an update needs (benchmarks/bench_memory.py). Setting the
-# threshold explicitly turns the adaptation off.
-MALLOC_MMAP_THRESHOLD = 2 * 2**20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
-
-
-def fix_malloc_mmap_threshold(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
-    """Serve every allocation of at least ``threshold`` bytes by its own mapping (glibc only).
-
-    Process-global, so only the command-line edge calls it. A ``MALLOC_MMAP_THRESHOLD_`` the
-    user set in the environment (glibc reads it at start-up) wins. Returns whether it was set.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -144,57 +141,3 @@ def test_auto_keeps_fp32_for_narrow_models_even_with_native_bf16(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_class", lambda: "avx2")
     assert hardware.resolve_precision("auto", "cpu", d_model=1024).precision == "fp32"
 
-
-_FRAGMENT = """
-import sys
-from pathlib import Path
-
-import torch
-
-from seq2seq.hardware import fix_malloc_mmap_threshold
-
-
-def rss_mib():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-
-
-if sys.argv[1] == "fixed":
-    assert fix_malloc_mmap_threshold()
-for _ in range(3):  # what a first update does: large blocks allocated and freed
-    block = torch.ones(2**20)
-    del block
-before = rss_mib()
-kept = []
-for i in range(60):  # blocks of 3-7 MiB, each followed by a small tensor that outlives it
-    block = torch.ones((3 + i % 5) * 2**18)
-    kept.append(torch.ones(2**12))
-    del block
-print(rss_mib() - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_fixed_mmap_threshold_returns_freed_blocks(tmp_path):
-    """Large blocks of varying sizes freed between small survivors: with glibc's adaptive
-    threshold they stay in the heap as holes (tens of MiB here); with the fixed threshold each is
-    unmapped on free, and RSS grows only by the survivors (60 x 16 KiB) and page rounding."""
-    script = tmp_path / "fragment.py"
-    script.write_text(_FRAGMENT)
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-
-    def growth(mode: str) -> float:
-        done = subprocess.run(
-            [sys.executable, str(script), mode], env=env, capture_output=True, text=True, check=True
-        )
-        return float(done.stdout.split()[-1])
-
-    assert growth("adaptive") > 30
-    assert growth("fixed") < 8
-
-
-def test_user_mmap_threshold_wins(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert not hardware.fix_malloc_mmap_threshold()

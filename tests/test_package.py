@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib
 import importlib.metadata
 import os
@@ -144,3 +145,33 @@ def test_every_subcommand_runs_the_module_of_its_name():
     for name, (module, _) in SUBCOMMANDS.items():
         assert module == keyword.get(name, f"seq2seq.{name}"), name
         assert callable(importlib.import_module(module).main), module
+
+
+def test_the_command_preloads_tcmalloc_where_installed():
+    from seq2seq.__main__ import tcmalloc_environment
+
+    assert tcmalloc_environment({"LD_PRELOAD": "libother.so.1"}) is None  # the user's wins
+    assert tcmalloc_environment({"SEQ2SEQ_ALLOCATOR": "system"}) is None
+    library = ctypes.util.find_library("tcmalloc_minimal")
+    preloaded = tcmalloc_environment({"PATH": os.environ.get("PATH", "")})
+    if library is None:
+        assert preloaded is None
+        pytest.skip("tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
+    assert preloaded["LD_PRELOAD"] == library
+    maps = subprocess.run(
+        [sys.executable, "-c", "print(open('/proc/self/maps').read())"],
+        env=preloaded, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "libtcmalloc_minimal" in maps
+
+
+def test_the_command_run_again_under_tcmalloc_keeps_its_exit_code_and_message(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SEQ2SEQ_ALLOCATOR")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "seq2seq", "train", str(missing)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count(str(missing)) == 1, done.stderr

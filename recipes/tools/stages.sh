@@ -32,9 +32,6 @@ STAGE="${STAGE:-}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # Large tensors on transparent huge pages (the same defaults as seq2seq/__main__.py's).
 export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
-# Large blocks mapped and returned on free, never cached in a fragmenting heap (the same threshold
-# as seq2seq.hardware.fix_malloc_mmap_threshold; glibc reads it at start-up).
-export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-2097152}"
 
 run_stage() {
     local n="$1" name="$2" stdout=""
@@ -93,6 +90,13 @@ default_python() {
 
 # What every recipe's stages run: "$PY" -m seq2seq.<module> ...
 PY="$(default_python "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)")"
+# tcmalloc where installed, as the seq2seq command preloads it (seq2seq/__main__.py says why).
+if [[ -z "${LD_PRELOAD:-}" && "${SEQ2SEQ_ALLOCATOR:-tcmalloc}" == tcmalloc ]]; then
+    TCMALLOC="$("$PY" -c 'import ctypes.util; print(ctypes.util.find_library("tcmalloc_minimal") or "")')"
+    if [[ -n "$TCMALLOC" ]]; then
+        export LD_PRELOAD="$TCMALLOC"
+    fi
+fi
 
 # The corpus a recipe reads: $DATA if set, else $SEQ2SEQ_DATA/NAME when that folder exists, else
 # "hub" (the Hugging Face hub).
