@@ -97,7 +97,7 @@ def _worker(settings: dict[str, Any]) -> None:
 def run_ours(root: Path, precision: str, threads: int, max_iters: int, extra: list[str]) -> dict:
     overrides = gpt_overrides(root, precision, threads, max_iters, extra)
     start = time.perf_counter()
-    result = harness.run_worker(Path(__file__), {"overrides": overrides})
+    result = harness.run_worker(Path(__file__), {"overrides": overrides}, as_cli=True)
     result["wall_s"] = time.perf_counter() - start
     result["program"] = f"ours {precision}"
     return result

@@ -1,7 +1,7 @@
 """Training memory: peak resident memory against the tensors a step needs, and whether it stays flat.
 
     python benchmarks/bench_memory.py                         # 300 updates of the Multi30k recipe
-    python benchmarks/bench_memory.py --updates 600 --env MALLOC_ARENA_MAX=2 --env ''
+    python benchmarks/bench_memory.py --env '' --env SEQ2SEQ_ALLOCATOR=system   # tcmalloc vs glibc
 
 Two fresh processes per setting (``harness.run_worker``):
 
@@ -21,7 +21,9 @@ The report gives the training process's peak RSS, the RSS of the same process be
 growth over the run: the highest RSS in the second half against the highest in the first half.
 ``--max-growth`` (default 1.15) makes the script exit 1 when the run grows more than that, so it
 can stand as the bounded-growth check. ``--env NAME=VALUE`` (repeatable; ``''`` = as the CLI sets
-it) runs one more setting each, for before/after comparisons of allocator settings.
+it) runs one more setting each, for before/after comparisons of allocator settings. Training runs
+as the ``seq2seq`` command would run it: under tcmalloc where it is installed, unless the setting
+is ``SEQ2SEQ_ALLOCATOR=system`` or an ``LD_PRELOAD`` of its own.
 """
 
 from __future__ import annotations
@@ -188,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             name, _, value = assignment.partition("=")
             os.environ[name] = value
         try:
-            result = harness.run_worker(Path(__file__), {**settings, "kind": "training"})
+            result = harness.run_worker(
+                Path(__file__), {**settings, "kind": "training"}, as_cli=True
+            )
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        result["setting"] = assignment or "(CLI defaults)"
+        result["setting"] = assignment or "(as `seq2seq train` runs)"
         result["ratio"] = result["max_rss_mib"] / footprint["footprint_mib"]
         rows.append(result)
         worst = max(worst, result.get("growth") or 0.0)

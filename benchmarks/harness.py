@@ -128,14 +128,23 @@ def ran_as_worker(args: argparse.Namespace, worker: Callable[[dict[str, Any]], N
     return True
 
 
-def run_worker(script: Path, settings: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+def run_worker(
+    script: Path, settings: dict[str, Any], timeout: float = 1800, as_cli: bool = False
+) -> dict[str, Any]:
     """Run ``script --worker JSON`` in a fresh interpreter; return its ``RESULT`` dict.
 
-    The worker's stderr passes through; a failed worker gives ``{"error": ...}``.
+    ``as_cli``: in the process the ``seq2seq`` command would give it (tcmalloc preloaded where
+    installed, see ``seq2seq/__main__.py``). The worker's stderr passes through; a failed worker
+    gives ``{"error": ...}``.
     """
+    from seq2seq.__main__ import tcmalloc_environment  # noqa: PLC0415
+
+    env = dict(os.environ)
+    if as_cli:
+        env = tcmalloc_environment(env) or env
     command = [sys.executable, str(script), "--worker", json.dumps(settings)]
     done = subprocess.run(
-        command, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=REPO, check=False
+        command, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=REPO, check=False, env=env
     )
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
