@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
         "mean_batch_sentences": batching["sentences"] / max(1, batching["batches"]),
+        "decoder_busy": batching["busy_seconds"] / served_seconds,
         "lost_requests": lost,
         "sentences_differing_from_offline": differing,
         "load_average": os.getloadavg()[0],
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"served:  {result['served_sentences_per_s']:.1f} sentences/s "
         f"(p50 {result['latency_p50_ms']:.0f} ms, p99 {result['latency_p99_ms']:.0f} ms per request, "
-        f"mean batch {result['mean_batch_sentences']:.1f} sentences)\n"
+        f"mean batch {result['mean_batch_sentences']:.1f} sentences, "
+        f"decoder busy {100 * result['decoder_busy']:.0f}% of the time)\n"
         f"offline: {result['offline_sentences_per_s']:.1f} sentences/s (one translate call)\n"
         f"ratio served/offline: {result['ratio']:.2f}\n"
         f"lost requests: {lost}; sentences differing from offline: {differing} of {len(flat)}; "
