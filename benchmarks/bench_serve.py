@@ -84,6 +84,7 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
         sys.executable, "-m", "seq2seq", "serve", "--model", str(model), "--port", str(port),
         "--device", args.device, "--precision", args.precision, "--threads", str(args.threads),
         "--max-wait-ms", str(args.max_wait_ms), "--max-sentences", str(args.max_per_request),
+        "--decode-workers", str(args.decode_workers),
     ]  # fmt: skip
     process = subprocess.Popen(command)
     deadline = time.monotonic() + 300
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="server batching wait")
+    parser.add_argument("--decode-workers", type=int, default=2,
+                        help="server decoder processes, sharing the --threads threads")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -202,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         "beam": beam,
         "precision": args.precision,
         "threads": args.threads,
+        "decode_workers": args.decode_workers,
         "served_sentences_per_s": len(flat) / served_seconds,
         "offline_sentences_per_s": len(flat) / offline_seconds,
         "ratio": offline_seconds / served_seconds,
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
         "mean_batch_sentences": batching["sentences"] / max(1, batching["batches"]),
-        "decoder_busy": batching["busy_seconds"] / served_seconds,
+        "decoders_busy": batching["busy_seconds"] / served_seconds / args.decode_workers,
         "lost_requests": lost,
         "sentences_differing_from_offline": differing,
         "load_average": os.getloadavg()[0],
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         f"served:  {result['served_sentences_per_s']:.1f} sentences/s "
         f"(p50 {result['latency_p50_ms']:.0f} ms, p99 {result['latency_p99_ms']:.0f} ms per request, "
         f"mean batch {result['mean_batch_sentences']:.1f} sentences, "
-        f"decoder busy {100 * result['decoder_busy']:.0f}% of the time)\n"
+        f"{args.decode_workers} decoder(s) busy {100 * result['decoders_busy']:.0f}% of the time)\n"
         f"offline: {result['offline_sentences_per_s']:.1f} sentences/s (one translate call)\n"
         f"ratio served/offline: {result['ratio']:.2f}\n"
         f"lost requests: {lost}; sentences differing from offline: {differing} of {len(flat)}; "

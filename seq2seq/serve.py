@@ -43,9 +43,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from seq2seq.api import LanguageModel, Translator
 from seq2seq.attention import attention_maps
-from seq2seq.batching import Batcher
+from seq2seq.batching import Batcher, DecodeProcess
 from seq2seq.checkpoint import CheckpointError, load_config_file
 from seq2seq.config import ConfigError
 from seq2seq.serve_requests import (
@@ -81,12 +83,18 @@ def _page() -> str:
     return importlib.resources.files("seq2seq").joinpath("static/index.html").read_text("utf-8")
 
 
-def create_app(models: Sequence[Translator | LanguageModel], limits: ServeLimits | None = None):
+def create_app(
+    models: Sequence[Translator | LanguageModel],
+    limits: ServeLimits | None = None,
+    directories: Sequence[str | Path] | None = None,
+):
     """The FastAPI application serving ``models`` (see the module docstring for the endpoints).
 
     Args:
         models: loaded translators and language models, in the order that numbers them.
         limits: request bounds and batching settings; the defaults when None.
+        directories: each model's directory, which ``limits.decode_workers > 1`` loads again in
+            each decoder process; with 1 (or None here), translators decode in this process.
 
     Returns:
         A ``fastapi.FastAPI`` app; its lifespan starts and stops one batcher per translator.
@@ -100,8 +108,18 @@ def create_app(models: Sequence[Translator | LanguageModel], limits: ServeLimits
         raise ValueError("no models to serve")
     named = dict(zip(_unique_names(models), models))
     numbered = list(named)
+    in_process = limits.decode_workers <= 1 or directories is None
+    threads = max(1, torch.get_num_threads() // max(1, limits.decode_workers))
+    processes = {
+        name: [
+            DecodeProcess(directory, str(model.device), model.precision.precision, threads)
+            for _ in range(limits.decode_workers)
+        ]
+        for name, model, directory in zip(named, models, directories or [])
+        if isinstance(model, Translator) and not in_process
+    }
     batchers = {
-        name: Batcher(model, limits.max_wait_ms, limits.max_batch_tokens)
+        name: Batcher(model, limits.max_wait_ms, limits.max_batch_tokens, processes.get(name))
         for name, model in named.items()
         if isinstance(model, Translator)
     }
@@ -144,11 +162,15 @@ def create_app(models: Sequence[Translator | LanguageModel], limits: ServeLimits
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        decoders = [process for group in processes.values() for process in group]
+        await asyncio.gather(*(asyncio.to_thread(process.start) for process in decoders))
         for batcher in batchers.values():
             batcher.start()
         yield
         for batcher in batchers.values():
             await asyncio.to_thread(batcher.stop)
+        for process in decoders:
+            await asyncio.to_thread(process.close)
 
     app = FastAPI(title="seq2seq serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -383,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
             torch.set_num_threads(args.threads)
+        if args.decode_workers < 1:
+            raise ValueError(f"--decode-workers must be >= 1, got {args.decode_workers}")
         for directory in args.model:
             if not Path(directory).is_dir():
                 raise CheckpointError(f"{directory}: no such model directory")
@@ -393,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as error:
         print(f"seq2seq serve: error: {error}", file=sys.stderr)
         return 2
-    app = create_app(models, limits)
+    app = create_app(models, limits, args.model)
     for index, (name, model) in enumerate(zip(_unique_names(models), models)):
         print(
             f"serve: model {index} {name!r} ({_KIND[type(model)]}, {model.parameters:,} "

@@ -22,6 +22,7 @@ class ServeLimits:
     max_wait_ms: float = 5.0
     max_batch_tokens: int = 8192  # source tokens (EOS excluded) collected into one batch
     max_attention_tokens: int = 128  # source or target tokens of an /attention sentence
+    decode_workers: int = 1  # >1: that many decoder processes, each with its share of threads
 
 
 class RequestError(Exception):

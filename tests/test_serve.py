@@ -28,6 +28,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not
 
 from seq2seq.api import LanguageModel, Translator  # noqa: E402
 from seq2seq.attention import attention_maps  # noqa: E402
+from seq2seq.batching import DecodeProcess  # noqa: E402
 from seq2seq.config import DecodeConfig  # noqa: E402
 from seq2seq.serve import Batcher, main  # noqa: E402
 
@@ -69,7 +70,7 @@ def server(dirs, tmp_path_factory) -> str:
             str(dirs[1]), "--port", str(port), "--device", "cpu", "--precision", "fp32",
             "--threads", "1", "--max-sentences", str(MAX_SENTENCES),
             "--max-body-bytes", str(MAX_BODY), "--max-new-tokens", "64",
-            "--max-attention-tokens", str(MAX_ATTENTION),
+            "--max-attention-tokens", str(MAX_ATTENTION), "--decode-workers", "2",
         ]  # fmt: skip
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -313,12 +314,57 @@ def test_batcher_failure_reaches_only_that_batch_and_the_worker_lives_on():
     assert counters == {"requests": 1, "sentences": 1, "batches": 1}
 
 
+def test_batcher_spreads_batches_over_its_decoders_and_routes_results_back():
+    first, second = _ScriptedTranslator(), _ScriptedTranslator()
+
+    def slow(sentences, nbest, beam):  # holds its batch while the other decoder takes the next
+        time.sleep(0.2)
+        return first.translate_nbest(sentences, nbest, beam)
+
+    batcher = Batcher(None, max_wait_ms=20, max_batch_tokens=100,
+                      decoders=[slow, second.translate_nbest])  # fmt: skip
+
+    async def go():
+        batcher.start()
+        early = asyncio.create_task(batcher.translate(["a", "b"], 2, 4, 1))
+        await asyncio.sleep(0.1)  # past the first batch's wait: the next batch forms apart
+        late = [asyncio.create_task(batcher.translate([s], 1, 4, 1)) for s in ("c", "d")]
+        return await asyncio.gather(early, *late)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert sorted(first.calls + second.calls) == [["a", "b"], ["c", "d"]]
+    assert first.calls and second.calls  # one batch each: the second did not wait for the first
+    assert results == [[[("A", -4.0)], [("B", -4.0)]], [[("C", -4.0)]], [[("D", -4.0)]]]
+
+
+@pytest.mark.slow  # spawns two processes that import torch
+def test_decode_process_equals_the_translator_and_reports_failures(dirs, translator, tmp_path):
+    process = DecodeProcess(dirs[0], "cpu", "fp32", threads=1)
+    process.start()
+    try:
+        assert process(SENTENCES, 2, 3) == translator.translate_nbest(SENTENCES, nbest=2, beam=3)
+        with pytest.raises(RuntimeError, match="beam"):
+            process(["ab"], 1, 0)  # the process answers with the error and lives on
+        assert process(["ab"], 1, 3) == translator.translate_nbest(["ab"], beam=3)
+    finally:
+        process.close()
+    broken = DecodeProcess(tmp_path / "absent", "cpu", "fp32", threads=1)
+    with pytest.raises(RuntimeError, match="decoder process: .*absent"):
+        broken.start()
+    broken.close()
+
+
 def test_cli_refuses_a_missing_directory_with_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "absent: no such model directory" in err
     assert main(["--model", str(tmp_path), "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--decode-workers", "0"]) == 2
+    assert "--decode-workers must be >= 1" in capsys.readouterr().err
 
 
 CHROMIUM_FLAGS = (
