@@ -8,8 +8,10 @@ Each of ``--clients`` threads sends ``--requests`` POST /translate requests of 1
 generated text when absent), one keep-alive connection per client, each request as soon as the
 previous one answered. First the same sentences, in the same order, are translated offline in one
 ``Translator.translate`` call in this process (same threads, precision, beam); then the server runs
-in a subprocess with ``--threads`` intra-op threads. Printed: sentences/s served and offline and their
-ratio, request latency p50/p99, the server's mean batch size, and the number of requests lost
+in a subprocess with the same ``--threads`` intra-op threads in all, split over its
+``--decode-workers`` decoder processes (2 by default: one thread each). Printed: sentences/s served
+and offline and their ratio, request latency p50/p99, the server's mean batch size, how busy its
+decoders were, and the number of requests lost
 (no 200 or the wrong count of translations) and of sentences whose served translation differs from
 the offline one (routing errors would show here; so would a different batch composition changing
 a near-tie, which fp32 makes rare).
