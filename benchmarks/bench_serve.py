@@ -8,8 +8,10 @@ Each of ``--clients`` threads sends ``--requests`` POST /translate requests of 1
 generated text when absent), one keep-alive connection per client, each request as soon as the
 previous one answered. First the same sentences, in the same order, are translated offline in one
 ``Translator.translate`` call in this process (same threads, precision, beam); then the server runs
-in a subprocess with ``--threads`` intra-op threads. Printed: sentences/s served and offline and their
-ratio, request latency p50/p99, the server's mean batch size, and the number of requests lost
+in a subprocess with the same ``--threads`` intra-op threads in all, split over its
+``--decode-workers`` decoder processes (2 by default: one thread each). Printed: sentences/s served
+and offline and their ratio, request latency p50/p99, the server's mean batch size, how busy its
+decoders were, and the number of requests lost
 (no 200 or the wrong count of translations) and of sentences whose served translation differs from
 the offline one (routing errors would show here; so would a different batch composition changing
 a near-tie, which fp32 makes rare).
@@ -84,6 +86,7 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
         sys.executable, "-m", "seq2seq", "serve", "--model", str(model), "--port", str(port),
         "--device", args.device, "--precision", args.precision, "--threads", str(args.threads),
         "--max-wait-ms", str(args.max_wait_ms), "--max-sentences", str(args.max_per_request),
+        "--decode-workers", str(args.decode_workers),
     ]  # fmt: skip
     process = subprocess.Popen(command)
     deadline = time.monotonic() + 300
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="server batching wait")
+    parser.add_argument("--decode-workers", type=int, default=2,
+                        help="server decoder processes, sharing the --threads threads")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -202,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         "beam": beam,
         "precision": args.precision,
         "threads": args.threads,
+        "decode_workers": args.decode_workers,
         "served_sentences_per_s": len(flat) / served_seconds,
         "offline_sentences_per_s": len(flat) / offline_seconds,
         "ratio": offline_seconds / served_seconds,
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
         "mean_batch_sentences": batching["sentences"] / max(1, batching["batches"]),
+        "decoders_busy": batching["busy_seconds"] / served_seconds / args.decode_workers,
         "lost_requests": lost,
         "sentences_differing_from_offline": differing,
         "load_average": os.getloadavg()[0],
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"served:  {result['served_sentences_per_s']:.1f} sentences/s "
         f"(p50 {result['latency_p50_ms']:.0f} ms, p99 {result['latency_p99_ms']:.0f} ms per request, "
-        f"mean batch {result['mean_batch_sentences']:.1f} sentences)\n"
+        f"mean batch {result['mean_batch_sentences']:.1f} sentences, "
+        f"{args.decode_workers} decoder(s) busy {100 * result['decoders_busy']:.0f}% of the time)\n"
         f"offline: {result['offline_sentences_per_s']:.1f} sentences/s (one translate call)\n"
         f"ratio served/offline: {result['ratio']:.2f}\n"
         f"lost requests: {lost}; sentences differing from offline: {differing} of {len(flat)}; "

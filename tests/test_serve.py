@@ -1,6 +1,7 @@
 """seq2seq serve: the real server on a loopback port answers in order, in OpenNMT-py's format too,
 routes concurrent requests back to their own callers, refuses every bad request with its 4xx, and
-its page translates in headless Chromium. The batcher itself is tested without HTTP."""
+its page translates and shows a sentence's cross-attention in headless Chromium; /attention gives
+exactly seq2seq.attention's weights. The batcher itself is tested without HTTP."""
 
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 
 from seq2seq.api import LanguageModel, Translator  # noqa: E402
+from seq2seq.attention import attention_maps  # noqa: E402
+from seq2seq.batching import DecodeProcess  # noqa: E402
+from seq2seq.config import DecodeConfig  # noqa: E402
 from seq2seq.serve import Batcher, main  # noqa: E402
 
 SENTENCES = ["hello world", "a dog runs.", "two men, one boat!", "ab", "the cat sat", "", "ok?"]
 MAX_SENTENCES = 8
 MAX_BODY = 20_000
+MAX_ATTENTION = 20
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -65,6 +70,7 @@ def server(dirs, tmp_path_factory) -> str:
             str(dirs[1]), "--port", str(port), "--device", "cpu", "--precision", "fp32",
             "--threads", "1", "--max-sentences", str(MAX_SENTENCES),
             "--max-body-bytes", str(MAX_BODY), "--max-new-tokens", "64",
+            "--max-attention-tokens", str(MAX_ATTENTION), "--decode-workers", "2",
         ]  # fmt: skip
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -205,6 +211,14 @@ BAD_REQUESTS = [
     ("/generate", b'{"prompt": "a", "temperature": -1}', 422, "temperature: -1 is outside"),
     ("/generate", b'{"prompt": 3}', 422, "body.prompt: expected string"),
     ("/generate", b'{"prompt": "a", "model": "tiny"}', 400, "use /translate"),
+    ("/attention", b'{"beam": 2}', 422, "body.text: required"),
+    ("/attention", b'{"text": ["a"]}', 422, "body.text: expected string"),
+    ("/attention", b'{"text": "  "}', 422, "body.text: empty"),
+    ("/attention", json.dumps({"text": "a" * 21}).encode(), 422, "text: 21 tokens; the atten"),
+    ("/attention", json.dumps({"text": "a", "target": "b" * 25}).encode(), 422, "target: 25 tok"),
+    ("/attention", b'{"text": "a", "beam": 0}', 422, "beam: 0 is outside"),
+    ("/attention", b'{"text": "a", "model": "gpt"}', 400, "use /generate"),
+    ("/attention", b'{"text": "a", "model": "nope"}', 404, "unknown model 'nope'"),
     ("/nothing", b"{}", 404, "Not Found"),
 ]
 
@@ -224,6 +238,25 @@ def test_every_bad_request_gets_its_4xx_and_the_server_lives_on(server, translat
     connection.close()
     status, body = request(server, "/translate", {"text": ["hello world"]})
     assert status == 200 and body["translations"] == translator.translate(["hello world"], beam=3)
+
+
+def test_attention_endpoint_gives_attention_maps_cross_weights(server, translator):
+    for target in (None, "a cat"):
+        body = {"text": "hello world", "beam": 2} | ({} if target is None else {"target": target})
+        status, got = request(server, "/attention", body)
+        assert status == 200 and got["model"] == "tiny", got
+        maps = attention_maps(
+            translator.model, translator.tokenizer, "hello world", target,
+            DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=5), "cpu",
+        )  # fmt: skip
+        expected = maps.weights["cross"]
+        assert (got["layers"], got["heads"]) == tuple(expected.shape[:2]) == (2, 4)
+        assert got["source"] == maps.keys["cross"] and got["target"] == maps.queries["cross"]
+        assert got["weights"] == expected.tolist()  # float32 values survive JSON exactly
+        for layer in got["weights"]:
+            for head in layer:
+                assert [sum(row) for row in head] == pytest.approx([1.0] * len(head), abs=1e-5)
+    assert got["target"][-1] == "</s>" and len(got["target"]) == len("a cat") + 1
 
 
 class _ScriptedTranslator:
@@ -276,7 +309,52 @@ def test_batcher_failure_reaches_only_that_batch_and_the_worker_lives_on():
     results = _run_batched(batcher, [(["boom"], 4, 1), (["x"], 4, 1), (["y"], 1, 1)])
     assert all(isinstance(r, RuntimeError) for r in results[:2])
     assert results[2] == [[("Y", -1.0)]]
-    assert batcher.counters() == {"requests": 1, "sentences": 1, "batches": 1}
+    counters = batcher.counters()
+    assert counters.pop("busy_seconds") > 0.0  # two decode calls ran, the failed one included
+    assert counters == {"requests": 1, "sentences": 1, "batches": 1}
+
+
+def test_batcher_spreads_batches_over_its_decoders_and_routes_results_back():
+    first, second = _ScriptedTranslator(), _ScriptedTranslator()
+
+    def slow(sentences, nbest, beam):  # holds its batch while the other decoder takes the next
+        time.sleep(0.2)
+        return first.translate_nbest(sentences, nbest, beam)
+
+    batcher = Batcher(None, max_wait_ms=20, max_batch_tokens=100,
+                      decoders=[slow, second.translate_nbest])  # fmt: skip
+
+    async def go():
+        batcher.start()
+        early = asyncio.create_task(batcher.translate(["a", "b"], 2, 4, 1))
+        await asyncio.sleep(0.1)  # past the first batch's wait: the next batch forms apart
+        late = [asyncio.create_task(batcher.translate([s], 1, 4, 1)) for s in ("c", "d")]
+        return await asyncio.gather(early, *late)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert sorted(first.calls + second.calls) == [["a", "b"], ["c", "d"]]
+    assert first.calls and second.calls  # one batch each: the second did not wait for the first
+    assert results == [[[("A", -4.0)], [("B", -4.0)]], [[("C", -4.0)]], [[("D", -4.0)]]]
+
+
+@pytest.mark.slow  # spawns two processes that import torch
+def test_decode_process_equals_the_translator_and_reports_failures(dirs, translator, tmp_path):
+    process = DecodeProcess(dirs[0], "cpu", "fp32", threads=1)
+    process.start()
+    try:
+        assert process(SENTENCES, 2, 3) == translator.translate_nbest(SENTENCES, nbest=2, beam=3)
+        with pytest.raises(RuntimeError, match="beam"):
+            process(["ab"], 1, 0)  # the process answers with the error and lives on
+        assert process(["ab"], 1, 3) == translator.translate_nbest(["ab"], beam=3)
+    finally:
+        process.close()
+    broken = DecodeProcess(tmp_path / "absent", "cpu", "fp32", threads=1)
+    with pytest.raises(RuntimeError, match="decoder process: .*absent"):
+        broken.start()
+    broken.close()
 
 
 def test_cli_refuses_a_missing_directory_with_one_line(tmp_path, capsys):
@@ -285,6 +363,8 @@ def test_cli_refuses_a_missing_directory_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "absent: no such model directory" in err
     assert main(["--model", str(tmp_path), "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--decode-workers", "0"]) == 2
+    assert "--decode-workers must be >= 1" in capsys.readouterr().err
 
 
 CHROMIUM_FLAGS = (
@@ -325,6 +405,27 @@ def test_page_translates_in_headless_chromium(server, translator, tmp_path, monk
             for item in driver.find_elements(By.CSS_SELECTOR, "#results .translation")
         ]
         assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
+        driver.find_elements(By.CSS_SELECTOR, "#results .translation")[0].click()
+        wait.until(lambda d: d.find_element(By.ID, "attention").get_attribute("data-done"))
+        cells = driver.find_elements(By.CSS_SELECTOR, "#att-svg rect.att-cell")
+        sources = [e.get_attribute("textContent") for e in
+                   driver.find_elements(By.CSS_SELECTOR, "#att-svg .source-piece")]  # fmt: skip
+        targets = [e.get_attribute("textContent") for e in
+                   driver.find_elements(By.CSS_SELECTOR, "#att-svg .target-piece")]  # fmt: skip
+        shown_weights = [float(cell.get_attribute("data-weight")) for cell in cells]
+        Select(driver.find_element(By.ID, "att-head")).select_by_value("1")
+        head_weights = [
+            float(cell.get_attribute("data-weight"))
+            for cell in driver.find_elements(By.CSS_SELECTOR, "#att-svg rect.att-cell")
+        ]
+        assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
     finally:
         driver.quit()
     assert shown == translator.translate(["hello world", "ab"], beam=4)
+    _, expected = request(server, "/attention", {"text": "hello world", "beam": 4})
+    assert (sources, targets) == (expected["source"], expected["target"])
+    last = expected["weights"][-1]  # the page opens on the last layer, mean of its heads
+    mean = [sum(h[q][k] for h in last) / len(last) for q in range(len(targets))
+            for k in range(len(sources))]  # fmt: skip
+    assert shown_weights == pytest.approx(mean, abs=1e-6)
+    assert head_weights == pytest.approx([w for row in last[1] for w in row], abs=1e-6)
