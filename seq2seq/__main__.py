@@ -77,13 +77,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0 if argv else 2
     module_name, _ = SUBCOMMANDS[argv[0]]
-    preloaded = tcmalloc_environment(dict(os.environ))
-    if preloaded is not None:  # the same command again, same process id, before torch is loaded
-        os.execve(sys.executable, [sys.executable, "-m", "seq2seq", *argv], preloaded)
     configure_process()
     module = importlib.import_module(module_name)
     return int(module.main(argv[1:]) or 0)
 
 
+def run() -> None:
+    """The program (console script ``seq2seq``, ``python -m seq2seq``): :func:`main` in a process
+    that runs under tcmalloc where it is installed. Only the program replaces itself, never a
+    caller of :func:`main` (a test, a notebook)."""
+    argv = sys.argv[1:]
+    preloaded = tcmalloc_environment(dict(os.environ))
+    if preloaded is not None and argv and argv[0] in SUBCOMMANDS:
+        # The same command again, same process id, before torch is loaded.
+        os.execve(sys.executable, [sys.executable, "-m", "seq2seq", *argv], preloaded)
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
+from seq2seq.hf_tokenizer import ByteLevelBPE, PieceVocab
 from seq2seq.layers import AttentionRecord
 from seq2seq.model import GPT, Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID, UNK_ID, CharVocab, Tokenizer
@@ -88,6 +89,11 @@ def piece_labels(side: object, ids: list[int]) -> list[str]:
         elif isinstance(side, CharVocab):
             char = side.chars[i - N_SPECIAL] if i - N_SPECIAL < len(side.chars) else "<unk>"
             labels.append(VISIBLE_CHARS.get(char, char))
+        elif isinstance(side, PieceVocab):  # an imported Marian vocabulary: its own piece table
+            labels.append((side.pieces[i] if i < len(side.pieces) else "") or "<unk>")
+        elif isinstance(side, ByteLevelBPE):  # imported GPT-2: the BPE's token of the mapped id
+            hf_id = side.hf_ids[i] if i < len(side.hf_ids) else -1
+            labels.append(side.bpe.id_to_token(hf_id) if hf_id >= 0 else "<unk>")
         else:
             labels.append(side.processor.id_to_piece(i))
     return labels

@@ -68,7 +68,7 @@ from seq2seq.directory import (  # noqa: F401
 )
 from seq2seq.hardware import resolve_device
 from seq2seq.model import build_model
-from seq2seq.textio import atomic_write_text
+from seq2seq.textio import atomic_write_text, remove_stale_temporaries
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
 WEIGHTS = "model.safetensors"
@@ -336,6 +336,7 @@ def save_training_checkpoint(
     if root.is_dir():  # one writer per run: leftovers are from a killed save or prune
         for stale in [p for p in root.iterdir() if _LEFTOVER.match(p.name)]:
             shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temporaries(root)  # a pointer file a killed run was writing
     directory = save_checkpoint(root / f"step_{step}", model, config, tokenizer, trainer_state)
     write_pointer(out_dir, "last", directory)
     if is_best:

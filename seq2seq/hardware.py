@@ -207,4 +207,3 @@ def resolve_precision(
         )
         return PrecisionChoice("bf16", f"asked for; CPU without native bf16: {cls}, slow")
     return PrecisionChoice(requested, f"asked for, on CPU class {cls}")
-

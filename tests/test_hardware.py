@@ -140,4 +140,3 @@ def test_auto_keeps_fp32_for_narrow_models_even_with_native_bf16(monkeypatch):
     assert hardware.resolve_precision("bf16", "cpu", d_model=128).precision == "bf16"  # explicit
     monkeypatch.setattr(hardware, "cpu_class", lambda: "avx2")
     assert hardware.resolve_precision("auto", "cpu", d_model=1024).precision == "fp32"
-

@@ -25,6 +25,7 @@ import torch
 from conftest import WORDS_DE, WORDS_EN
 
 from seq2seq import hf_convert, hf_import
+from seq2seq.attention import attention_maps
 from seq2seq.checkpoint import load_model
 from seq2seq.config import ConfigError, DecodeConfig, config_from_dict
 from seq2seq.export import to_marian
@@ -361,6 +362,21 @@ def test_gpt2_tokenizer_logits_and_greedy(gpt2):
             pad_token_id=hf.config.eos_token_id,
         )
     assert to_hf[mine].tolist() == generated.tolist()
+
+
+def test_attention_maps_label_imported_pieces_as_hugging_face_does(marian, gpt2):
+    """Axis labels of an imported model are its own tokens (the piece table, the BPE), not the
+    SentencePiece model's ids, which no longer number our rows."""
+    _, hf_tokenizer, ours, tokenizer, _ = marian
+    text = SENTENCES[0]
+    maps = attention_maps(ours, tokenizer, text, target=text)
+    hf_ids = hf_tokenizer(text).input_ids  # pieces + </s>
+    assert maps.keys["cross"] == hf_tokenizer.convert_ids_to_tokens(hf_ids)
+    _, gpt2_hf_tokenizer, gpt2_ours, gpt2_tokenizer, _ = gpt2
+    prompt = "the old dog"
+    maps = attention_maps(gpt2_ours, gpt2_tokenizer, prompt)
+    expected = gpt2_hf_tokenizer.convert_ids_to_tokens(gpt2_hf_tokenizer(prompt).input_ids)
+    assert expected == maps.keys["decoder"][-len(expected) :]
 
 
 # ----------------------------------------------------------------------------- command line
