@@ -18,7 +18,9 @@ with a joint 8k BPE vocabulary, identical for both implementations. The Marian m
 (post-norm, sinusoids, ReLU, three-way tied embeddings) and trains with the same loss and
 optimizer settings; the network, the loss code and the optimizer code are each side's own. Each
 (implementation, config, precision) runs in its own process (peak RSS is per run); ours and
-Hugging Face alternate.
+Hugging Face alternate. Ours runs in the process the ``seq2seq`` command gives it (tcmalloc where
+installed, see ``seq2seq/__main__.py``; ``SEQ2SEQ_ALLOCATOR=system`` keeps glibc's), Hugging Face
+in a plain Python process, as a ``transformers`` user's training script runs.
 
 FLOPs are counted analytically from the padded batch shapes (matmuls only; a multiply-add is 2):
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                         warmup=args.warmup, threads=args.threads, seed=args.seed,
                         data=str(root), profile=args.profile,
                     )  # fmt: skip
-                    result = harness.run_worker(Path(__file__), settings)
+                    result = harness.run_worker(Path(__file__), settings, as_cli=impl == "ours")
                     raw.append(result)
                     if "error" in result or args.profile:
                         continue
