@@ -88,5 +88,7 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
 
     default, kept = faults("default"), faults("kept")
     pages = 3 * 8 * 2**20 / 4096
-    assert default > 0.5 * pages  # glibc gives the memory back and faults it in again
+    # Whether glibc's own adaptive thresholds give the blocks back varies from run to run (they
+    # rise as blocks are freed), so the default is only a bound; the kept run must never fault.
+    assert kept <= default
     assert kept < 0.02 * pages
