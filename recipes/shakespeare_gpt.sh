@@ -8,7 +8,7 @@
 #
 #   SEQ2SEQ_DATA=../shared/data bash recipes/shakespeare_gpt.sh
 #   OVERRIDES="model.preset=gpt_shakespeare model.max_positions=256 batch.block_size=256 \
-#     batch.batch_size=64 train.max_steps=5000" bash recipes/shakespeare_gpt.sh   # GPU-sized
+#     batch.batch_size=64 train.processes=1 train.max_steps=5000" bash recipes/shakespeare_gpt.sh  # 1 GPU
 #
 # Variables [defaults]:
 #   DATA         folder with input.txt [$SEQ2SEQ_DATA/tinyshakespeare]

@@ -176,6 +176,10 @@ class TrainConfig:
     # each checkpoint and a resume spends only what is left. 0 = no limit.
     max_minutes: float = 0.0
     update_freq: int = 1  # batches accumulated per update
+    # Ranks that ``seq2seq train`` starts on this machine (torchrun's launcher, gloo on CPU), each
+    # with cores / processes threads; each takes its own batches, so an update sees processes x
+    # update_freq of them. Ignored inside torchrun and by ``train()`` called from Python.
+    processes: int = 1
     lr_schedule: str = "noam"  # "noam" | "inverse_sqrt" | "cosine" | "constant"
     lr: float = 1.0  # noam: multiplier of d_model^-0.5 * min(...); others: the peak rate
     min_lr: float = 0.0  # cosine floor
@@ -228,6 +232,8 @@ class TrainConfig:
             )
         if self.update_freq < 1:
             raise ConfigError("train.update_freq must be >= 1")
+        if self.processes < 1:
+            raise ConfigError(f"train.processes must be >= 1, got {self.processes}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("train.label_smoothing must lie in [0, 1)")
         if self.best_metric == "bleu" and not self.eval_bleu:

@@ -2,12 +2,15 @@
 
 A plain ``python -m seq2seq.train`` run is world size 1 and never touches ``torch.distributed``.
 Under ``torchrun --nproc_per_node N`` each process joins an NCCL group (CUDA) or a gloo group (CPU).
+:func:`launch_local` is ``torchrun --standalone`` from inside a program (``train.processes``).
 All state lives in ``torch.distributed`` itself; this module keeps no globals.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -121,3 +124,49 @@ def teardown() -> None:
 
 def _uses_nccl() -> bool:
     return dist.get_backend() == "nccl"
+
+
+def launch_local(
+    processes: int, module: str, argv: list[str], device_preference: str = "auto"
+) -> int:
+    """Run ``python -m module *argv`` as ``processes`` ranks on this machine and wait for them.
+
+    This is what ``torchrun --standalone --nproc-per-node N -m module ...`` does, through the
+    launcher API torchrun itself is built on: a rendezvous on a free local port, no restarts. Each
+    rank gets ``cores // processes`` OpenMP threads unless ``OMP_NUM_THREADS`` is set. The workers
+    inherit this process's environment (its allocator preload included) and standard streams.
+
+    Returns:
+        0, or the exit code of the first rank that failed (a signal ``s`` as ``128 + s``).
+
+    Raises:
+        ConfigError: the ranks would need more CUDA devices than this machine has.
+    """
+    try:
+        hardware.resolve_device(device_preference, processes - 1)  # the last rank's device
+    except ValueError as error:
+        raise ConfigError(f"train.processes={processes}: {error}") from None
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // processes)))
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        rdzv_configs={"rank": 0},
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", module, *argv)
+    except ChildFailedError as error:
+        _, failure = error.get_first_failure()
+        return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+    except SignalException as error:
+        return 128 + int(error.sigval)
+    return 0

@@ -33,10 +33,10 @@ LOCK = ".lock"
 # on resume continues the same run. ``decode.*`` only affects validation BLEU and translation.
 MAY_CHANGE_ON_RESUME = frozenset(
     [f"train.{name}" for name in (
-        "out_dir", "max_steps", "max_epochs", "max_minutes", "update_freq", "precision",
-        "compile", "tf32", "device", "num_threads", "deterministic", "log_every", "eval_every",
-        "eval_bleu", "eval_bleu_sentences", "patience", "save_every", "keep_last", "resume",
-        "allow_config_change",
+        "out_dir", "max_steps", "max_epochs", "max_minutes", "update_freq", "processes",
+        "precision", "compile", "tf32", "device", "num_threads", "deterministic", "log_every",
+        "eval_every", "eval_bleu", "eval_bleu_sentences", "patience", "save_every", "keep_last",
+        "resume", "allow_config_change",
     )]
     + ["format_version"]
 )  # fmt: skip

@@ -2,6 +2,7 @@
 
     seq2seq train recipes/configs/multi30k.yaml train.max_steps=2000
     torchrun --nproc_per_node 4 -m seq2seq.train CONFIG.yaml          # data parallel
+    seq2seq train CONFIG.yaml train.processes=2                       # the same, launched for you
 
 One update consumes ``world_size * update_freq`` consecutive batches of the epoch's deterministic
 batch list (``data.batch_indices(seed, epoch)``); rank ``r`` takes those whose index is ``r`` modulo
@@ -57,11 +58,7 @@ from typing import Any
 import torch
 
 from seq2seq import distributed, rundir
-from seq2seq.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    save_training_checkpoint,
-)
+from seq2seq.checkpoint import CheckpointError, capture_rng_state, save_training_checkpoint
 from seq2seq.config import ConfigError, RunConfig, load_config
 from seq2seq.data import (
     Batch,
@@ -135,7 +132,8 @@ def train(config: RunConfig) -> dict[str, float]:
 
     Returns:
         Final metrics: ``step``, ``epoch``, ``train_loss``, ``valid_loss``, ``valid_nll``,
-        ``valid_ppl``, ``best``, ``bleu`` (when evaluated), ``nonfinite_updates``, ``oom_skipped``.
+        ``valid_ppl``, ``best``, ``bleu`` (when evaluated), ``nonfinite_updates``, ``oom_skipped``,
+        ``train_seconds``.
     """
     info = distributed.setup(config.train.device)
     try:
@@ -295,6 +293,7 @@ def _loop(run: Run) -> dict[str, float]:
         "best": progress.best,
         "nonfinite_updates": faults.nonfinite,
         "oom_skipped": faults.oom,
+        "train_seconds": time.monotonic() - start,  # this run's wall time, resumes included
         **metrics,
     }
 
@@ -430,11 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     try:
-        metrics = train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, TokenizerError, CheckpointError) as error:
-        print(f"seq2seq train: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # e.g. an unwritable out_dir: the message names the path
+        config = load_config(args.config, args.overrides)
+        if config.train.processes > 1 and distributed.launch_env().world_size == 1:
+            argv = [args.config, *args.overrides]
+            tc = config.train
+            return distributed.launch_local(tc.processes, "seq2seq.train", argv, tc.device)
+        metrics = train(config)
+    # OSError: e.g. an unwritable out_dir; its message names the path.
+    except (ConfigError, DataError, TokenizerError, CheckpointError, OSError) as error:
         print(f"seq2seq train: error: {error}", file=sys.stderr)
         return 2
     if distributed.launch_env().rank == 0:  # the process group is gone by now

@@ -104,6 +104,48 @@ def test_two_process_ddp_equals_one_process_with_accumulation(copy_task, tmp_pat
     _assert_same_weights(_weights(tmp_path / "single", 5), _weights(tmp_path / "ddp", 5), 1e-6)
 
 
+def _launched(tmp_path: Path, name: str, raw: dict) -> subprocess.CompletedProcess:
+    """``python -m seq2seq.train`` on ``raw`` written as ``<name>.yaml``."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "seq2seq.train", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_train_processes_starts_ranks_that_equal_one_process_with_accumulation(copy_task, tmp_path):
+    """``train.processes=2``: the command starts two gloo ranks itself through torchrun's
+    launcher, and they compute what one process accumulating two batches computes."""
+    corpus, prepared = copy_task
+    common = dict(max_steps=5, clip_norm=0.5, num_threads=1, lr_schedule="inverse_sqrt")
+    single = toy_run_config(tmp_path / "single", prepared, corpus, update_freq=2, **common)
+    single["model"]["dropout"] = 0.0
+    train_module.train(config_from_dict(single))
+    launched = toy_run_config(tmp_path / "launched", prepared, corpus, processes=2, **common)
+    launched["model"]["dropout"] = 0.0
+    done = _launched(tmp_path, "launched", launched)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parameters on cpu x2" in done.stdout
+    assert sum(line.startswith("step 5 | ") for line in done.stdout.splitlines()) == 1  # rank 0
+    state = load_trainer_state(tmp_path / "launched" / "checkpoints" / "step_5")
+    assert len(state["rng"]) == 2  # both ranks took part
+    _assert_same_weights(_weights(tmp_path / "single", 5), _weights(tmp_path / "launched", 5), 1e-6)
+
+
+def test_train_processes_passes_on_a_rank_s_error_and_exit_code(copy_task, tmp_path):
+    corpus, _ = copy_task
+    raw = toy_run_config(tmp_path / "run", tmp_path / "prepared", tmp_path / "absent", processes=2)
+    done = _launched(tmp_path, "bad", raw)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("seq2seq train: error:")]
+    assert errors and str(tmp_path / "absent") in errors[0]
+
+
+def test_train_processes_must_be_positive():
+    with pytest.raises(ConfigError, match="train.processes"):
+        config_from_dict({"train": {"processes": 0}})
+
+
 def test_bf16_autocast_trains_on_cpu(copy_task, tmp_path):
     corpus, prepared = copy_task
     config = _config(tmp_path / "bf16", prepared, corpus, max_steps=30, precision="bf16")
