@@ -80,6 +80,7 @@ from seq2seq.config import RunConfig, load_config  # noqa: E402
 from seq2seq.data import TokenizedCorpus, batch_indices  # noqa: E402
 from seq2seq.evaluate import score  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
+from seq2seq.hardware import resolve_precision  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
 from seq2seq.prepare import prepare  # noqa: E402
 from seq2seq.readers import read_parallel  # noqa: E402
@@ -173,10 +174,12 @@ def train_marian(config: RunConfig, minutes: float, checkpoints: Path) -> tuple[
     model = to_marian(
         build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), tokenizer
     )
+    # What ``auto`` means for our run of this width on this CPU (bf16 where native), for both.
+    precision = resolve_precision(tc.precision, "cpu", config.model.d_model).precision
     args = Seq2SeqTrainingArguments(
         output_dir=str(checkpoints),
         use_cpu=True,
-        bf16=tc.precision == "bf16",
+        bf16=precision == "bf16",
         seed=tc.seed,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
