@@ -22,7 +22,10 @@ engine is timed end to end, from the source text of a batch to its detokenized o
 translates the first batch once untimed and then all batches; the fastest of ``--repeats`` is
 kept, the engines alternating order between repeats. Peak RSS is that process's ``VmHWM``
 (``harness.max_rss_mib``); the CTranslate2 worker imports neither torch nor ``seq2seq``, so
-its peak is CTranslate2's own (torch's import alone is ~200 MiB of it in the others).
+its peak is CTranslate2's own (torch's import alone is ~200 MiB of it in the others). Every
+process runs as ``seq2seq translate`` runs itself: ``OMP_WAIT_POLICY=PASSIVE`` (unless set; both
+ours and CTranslate2 use libgomp), or with ``--spin`` libgomp's default spin-then-sleep;
+``THP_MEM_ALLOC_ENABLE=1``; tcmalloc preloaded where installed.
 
 Settings that make the searches the same algorithm (default ``--alpha 0``):
   - length limit ``--max-len`` generated tokens for every sentence, EOS included: ours
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -114,11 +118,13 @@ def ours_engine(model_dir: str, precision: str, search: dict[str, Any]) -> Engin
     from seq2seq.checkpoint import load_model
     from seq2seq.config import DecodeConfig
     from seq2seq.decoding import clean_line, quantize_int8, translate_ids
+    from seq2seq.kernels import column_major_weights
     from seq2seq.tokenizer import EOS_ID
 
     model, tokenizer, _ = load_model(model_dir)
     if precision == "int8":
         model = quantize_int8(model, "cpu")
+    column_major_weights(model)  # as seq2seq translate and Translator.load do
     dtype = {"fp32": None, "int8": None, "bf16": "bfloat16"}[precision]
     decode = DecodeConfig(
         beam_size=search["beam"], length_penalty=search["alpha"], max_len_a=0.0,
@@ -289,7 +295,7 @@ def fastest_runs(
                 sources=str(paths["sources"]), batches=str(paths["batches"]), beam=beam,
                 alpha=args.alpha, max_len=args.max_len, threads=args.threads,
             )  # fmt: skip
-            result = harness.run_worker(Path(__file__), settings)
+            result = harness.run_worker(Path(__file__), settings, as_cli=True)
             raw.append({k: v for k, v in result.items() if k != "outputs"})
             if "error" in result:
                 print(f"{engine:>9} beam {beam}: {result['error']}", flush=True)
@@ -367,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=0, help="first N test sentences (0 all)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (fastest kept)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--spin",
+        action="store_true",
+        help="idle OpenMP threads spin (libgomp's default) instead of sleeping, in every engine",
+    )
     parser.add_argument("--profile", action="store_true", help="profile ours instead (above)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -383,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         if precision not in allowed.get(impl, ()):
             parser.error(f"--engines: {engine!r} is not one of impl:precision {allowed}")
+
+    # Every engine's process gets what ``seq2seq translate`` gives itself (seq2seq/__main__.py):
+    # one OpenMP wait policy (both ours and CTranslate2 run on libgomp), transparent huge pages,
+    # and tcmalloc where installed (``harness.run_worker(as_cli=True)``).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if args.spin:
+        os.environ["GOMP_SPINCOUNT"] = "300000"  # libgomp's default spin, over any wait policy
 
     import harness
     import torch
@@ -445,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.table(rows, columns))
     print(
         f"\nalpha {args.alpha}, batch {args.batch_size} sentences, max_len {args.max_len}, "
-        f"threads {args.threads}; load average at the end: {harness.load_average():.2f}"
+        f"threads {args.threads}, OpenMP "
+        f"{'spin (GOMP_SPINCOUNT=300000)' if args.spin else os.environ['OMP_WAIT_POLICY']}; "
+        f"load average at the end: {harness.load_average():.2f}"
     )
     if args.json:
         payload = {"machine": info, "model": str(model_dir), "args": vars(args)}

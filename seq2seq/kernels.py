@@ -8,7 +8,9 @@ three of them, with the measurements behind each choice in ``benchmarks/RESULTS.
 - :class:`Dropout`: the keep-mask drawn as 16-bit random integers (four per 64-bit draw);
 - :func:`attention`: which scaled-dot-product kernel runs, by device, precision and CPU class;
 - :class:`SmoothedNLL`: the label-smoothed loss with a hand-written backward that reuses one
-  float32 buffer for logits, softmax and gradient.
+  float32 buffer for logits, softmax and gradient;
+- :func:`column_major_weights`: the weight matrices of a CPU model that decodes laid out so that
+  each linear layer's matrix product reads them without a transpose.
 
 Shape legend: b batch, h heads, t queries, s keys, d head width, n tokens, v vocabulary.
 """
@@ -164,3 +166,29 @@ class SmoothedNLL(torch.autograd.Function):
         target_grad = weight * (grad_loss * (1.0 - eps) + grad_nll)
         grad.scatter_add_(-1, target[:, None], -target_grad[:, None])
         return grad.to(ctx.logits_dtype), None, None, None
+
+
+# --------------------------------------------------------------------------- decoding weights
+
+
+def column_major_weights(model: nn.Module) -> nn.Module:
+    """Lay out every 2-D weight of a CPU ``model`` column-major, in place; return ``model``.
+
+    ``F.linear(x, w)`` multiplies by ``w.t()``; with ``w`` stored column-major that is a plain
+    row-major (in, out) matrix, which MKL's sgemm runs 1.2-2.3x faster when ``x`` has few rows (8-64,
+    as in greedy decoding and the last steps of every batch) and as fast from ~200 rows on (AMX
+    Xeon, one thread; benchmarks/RESULTS.md, "Decoding: ours vs CTranslate2"). Shapes, values and
+    tied matrices (the output projection shares the embedding's ``Parameter``) are unchanged;
+    embedding lookups read strided rows, a few thousand numbers per step. For inference: a model
+    laid out this way is saved by nothing in this package (safetensors wants contiguous tensors).
+    Models on other devices are returned as they are.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if (
+                parameter.device.type == "cpu"
+                and parameter.dim() == 2
+                and parameter.is_contiguous()
+            ):
+                parameter.data = parameter.data.t().contiguous().t()
+    return model

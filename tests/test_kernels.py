@@ -77,3 +77,34 @@ def test_kernel_choice_by_precision_and_mode(monkeypatch):
             assert kernels.attention_kernel(q, 4) == "sdpa"  # inference: flash
     monkeypatch.setattr(hardware, "cpu_class", lambda: "avx2")
     assert kernels.attention_kernel(q.bfloat16(), 4) == "math"
+
+
+@torch.inference_mode()
+def test_column_major_weights_change_layout_not_maths():
+    import copy
+
+    from seq2seq.config import DecodeConfig, ModelConfig
+    from seq2seq.decoding import translate_ids
+    from seq2seq.model import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2)
+    model = build_model(config, 50, 50).eval()
+    laid_out = kernels.column_major_weights(copy.deepcopy(model))
+    before, after = dict(model.named_parameters()), dict(laid_out.named_parameters())
+    assert before.keys() == after.keys()
+    for name, parameter in after.items():
+        assert torch.equal(parameter, before[name]), name  # same shape and values
+        if parameter.dim() == 2:
+            assert parameter.t().is_contiguous() and not parameter.is_contiguous(), name
+    # The tied output projection is still the embedding itself.
+    assert laid_out.decoder.embedding is laid_out.source_embedding  # shared and tied, still one
+    assert laid_out.output_projection is None
+    src = torch.randint(4, 50, (5, 9))
+    tgt = torch.randint(4, 50, (5, 7))
+    # Only the matrix products' summation order may change: float32 rounding, not a new result.
+    torch.testing.assert_close(laid_out(src, tgt), model(src, tgt), rtol=1e-5, atol=1e-5)
+    sources = [row.tolist() + [2] for row in src]
+    decode = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=12)
+    ours, theirs = translate_ids(laid_out, sources, decode), translate_ids(model, sources, decode)
+    assert [h[0].tokens for h in ours] == [h[0].tokens for h in theirs]

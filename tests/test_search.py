@@ -15,6 +15,7 @@ from seq2seq.search import (
     block_tokens,
     greedy,
     length_penalty,
+    row_topk,
     sample,
     top_k_filter,
     top_p_filter,
@@ -189,6 +190,46 @@ def test_nbest_ordering_and_validation():
     assert len({tuple(h.tokens) for h in hyps}) == 4
     with pytest.raises(ValueError, match="nbest"):
         beam_search(ScriptedDecoder(tree(TABLE_1), 1), 1, 2, lengths(10), nbest=3)
+
+
+# "A EOS" (.81) finishes at the second step, when every other extension is below .1, so no
+# active beam can beat it any more.
+TABLE_EARLY = {
+    (): {A: 0.9, B: 0.1},
+    (A,): {EOS_ID: 0.9, A: 0.1},
+    (B,): {EOS_ID: 0.5, B: 0.5},
+}
+
+
+def test_beam_stops_once_the_nbest_are_finished_and_unbeatable():
+    # alpha = 0: scores only fall, so the search may stop when the nbest-th finished hypothesis
+    # beats every active beam, without waiting for beam_size finished ones.
+    early = ScriptedDecoder(tree(TABLE_EARLY), 1)
+    (one,) = beam_search(early, 1, beam_size=3, max_len=lengths(10), nbest=1)
+    full = ScriptedDecoder(tree(TABLE_EARLY), 1)
+    (three,) = beam_search(full, 1, beam_size=3, max_len=lengths(10), nbest=3)
+    assert [h.tokens for h in one] == [[A]] and one[0].score == pytest.approx(math.log(0.81))
+    assert [(h.tokens, h.score) for h in one] == [(h.tokens, h.score) for h in three[:1]]
+    assert len(early.batch_sizes) == 2 < len(full.batch_sizes)
+    # With a length penalty a longer output may still win, so beam_size finished ones are awaited.
+    slow = ScriptedDecoder(tree(TABLE_EARLY), 1)
+    beam_search(slow, 1, beam_size=3, max_len=lengths(10), nbest=1, length_penalty_alpha=1.0)
+    assert len(slow.batch_sizes) > 1
+
+
+@pytest.mark.parametrize("width", [8000, 8003, 700, 37])
+def test_row_topk_equals_torch_topk(width):
+    generator = torch.Generator().manual_seed(width)
+    values = torch.randn(9, width, generator=generator)
+    values[:, :3] = NEG_INF  # blocked tokens, as the search leaves them
+    values[4] = NEG_INF
+    values[4, -2:] = torch.tensor([0.5, 1.5])  # a row with fewer finite entries than k
+    top, where = row_topk(values, 10)
+    expected = values.topk(10, dim=1).values
+    assert torch.equal(top, expected)
+    assert torch.equal(values.gather(1, where), top)
+    finite = torch.isfinite(top)
+    assert all(len(set(row[ok].tolist())) == int(ok.sum()) for row, ok in zip(where, finite))
 
 
 def test_top_k_and_top_p_filters_hand_computed():
