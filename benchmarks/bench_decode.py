@@ -5,27 +5,32 @@
     python benchmarks/bench_decode.py --model DIR --engines ours:fp32,ct2:fp32 --beams 5
 
 Engines (``--engines``, ``impl:precision``), all on the same weights:
-  - ``ours:fp32`` / ``ours:int8`` / ``ours:bf16``: :func:`seq2seq.decoding.translate_ids` (the
-    code ``seq2seq translate`` and ``Translator`` run), int8 through
+  - ``ours:fp32`` / ``ours:int8`` / ``ours:bf16``: :func:`seq2seq.decoding.search_batches` (the
+    code ``seq2seq translate`` and ``Translator`` run: on the CPU, one batch per thread, each
+    searched single-threaded), on the model laid out by
+    :func:`seq2seq.kernels.column_major_weights` as they lay it out; int8 through
     :func:`seq2seq.decoding.quantize_int8` (``--precision int8``);
   - ``ct2:fp32`` / ``ct2:int8``: ``ctranslate2.Translator`` on ``seq2seq export --format
     ctranslate2`` of the model (``--quantization float32`` / ``int8``), fed SentencePiece pieces
-    as its README says;
+    as its README says; one translator of ``--threads`` threads (``intra_threads``);
+  - ``ct2-inter:fp32`` / ``ct2-inter:int8``: the same model as ``--threads`` translators of one
+    thread each (``inter_threads``), every batch submitted at once (``asynchronous=True``), the
+    layout CTranslate2 recommends for throughput;
   - ``hf:fp32`` / ``hf:bf16``: ``MarianMTModel.generate`` of ``seq2seq.export.to_marian(model)``,
-    saved with ``save_pretrained`` and loaded with ``from_pretrained``.
+    saved with ``save_pretrained`` and loaded with ``from_pretrained``, batch after batch.
 
 The 1,000 German sentences of Multi30k test_2016_flickr are cut, by source length (longest
 first), into batches of ``--batch-size`` sentences, the same batches for every engine. Each
-engine is timed end to end, from the source text of a batch to its detokenized output
-(tokenization, search, detokenization), with ``--threads`` intra-op threads (CTranslate2:
-``intra_threads``, one translator). Each (engine, beam, repeat) runs in its own process, which
-translates the first batch once untimed and then all batches; the fastest of ``--repeats`` is
-kept, the engines alternating order between repeats. Peak RSS is that process's ``VmHWM``
-(``harness.max_rss_mib``); the CTranslate2 worker imports neither torch nor ``seq2seq``, so
-its peak is CTranslate2's own (torch's import alone is ~200 MiB of it in the others). Every
-process runs as ``seq2seq translate`` runs itself: ``OMP_WAIT_POLICY=PASSIVE`` (unless set; both
-ours and CTranslate2 use libgomp), or with ``--spin`` libgomp's default spin-then-sleep;
-``THP_MEM_ALLOC_ENABLE=1``; tcmalloc preloaded where installed.
+engine is timed end to end, from the source text of all batches to their detokenized output
+(tokenization, search, detokenization), with ``--threads`` threads in all. Each (engine, beam,
+repeat) runs in its own process, which translates the first batch once untimed and then all
+batches; the fastest of ``--repeats`` is kept, the engines alternating order between repeats.
+Peak RSS is that process's ``VmHWM`` (``harness.max_rss_mib``); the CTranslate2 worker imports
+neither torch nor ``seq2seq``, so its peak is CTranslate2's own (torch's import alone is ~200 MiB
+of it in the others). Every process runs as ``seq2seq translate`` runs itself:
+``OMP_WAIT_POLICY=PASSIVE`` (unless set; both ours and CTranslate2 use libgomp), or with
+``--spin`` libgomp's default spin-then-sleep; ``THP_MEM_ALLOC_ENABLE=1``; tcmalloc preloaded
+where installed.
 
 Settings that make the searches the same algorithm (default ``--alpha 0``):
   - length limit ``--max-len`` generated tokens for every sentence, EOS included: ours
@@ -64,10 +69,10 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parent
 TEST_SPLIT = "test_2016_flickr"
 CT2_QUANTIZATION = {"fp32": "float32", "int8": "int8"}
-ENGINES = ("ours:fp32", "ct2:fp32", "hf:fp32", "ours:int8", "ct2:int8")
+ENGINES = ("ours:fp32", "ct2:fp32", "ct2-inter:fp32", "hf:fp32", "ours:int8", "ct2:int8")
 
-# One batch of source sentences in, one detokenized translation per sentence out.
-Engine = Callable[[list[str]], list[str]]
+# Batches of source sentences in, per batch one detokenized translation per sentence out.
+Engine = Callable[[list[list[str]]], list[list[str]]]
 
 
 def read_gz_lines(path: Path) -> list[str]:
@@ -117,7 +122,7 @@ def batches_of(lengths: list[int], size: int) -> list[list[int]]:
 def ours_engine(model_dir: str, precision: str, search: dict[str, Any]) -> Engine:
     from seq2seq.checkpoint import load_model
     from seq2seq.config import DecodeConfig
-    from seq2seq.decoding import clean_line, quantize_int8, translate_ids
+    from seq2seq.decoding import clean_line, quantize_int8, search_batches
     from seq2seq.kernels import column_major_weights
     from seq2seq.tokenizer import EOS_ID
 
@@ -131,35 +136,50 @@ def ours_engine(model_dir: str, precision: str, search: dict[str, Any]) -> Engin
         max_len_b=search["max_len"], min_len=1,
     )  # fmt: skip
 
-    def run(lines: list[str]) -> list[str]:
+    def run(batches: list[list[str]]) -> list[list[str]]:
         import torch
 
-        sources = [ids + [EOS_ID] for ids in tokenizer.encode_source_batch(lines)]
+        sources = [
+            [ids + [EOS_ID] for ids in tokenizer.encode_source_batch(lines)] for lines in batches
+        ]
         dtype_ = getattr(torch, dtype) if dtype else None
-        nbest = translate_ids(model, sources, decode, "cpu", dtype=dtype_)
-        return [clean_line(tokenizer.decode_target(hyps[0].tokens)) for hyps in nbest]
+        return [
+            [clean_line(tokenizer.decode_target(hyps[0].tokens)) for hyps in nbest]
+            for nbest in search_batches(model, sources, decode, "cpu", dtype=dtype_)
+        ]
 
     return run
 
 
-def ct2_engine(model_dir: str, threads: int, search: dict[str, Any]) -> Engine:
+def ct2_engine(model_dir: str, threads: int, search: dict[str, Any], inter: bool) -> Engine:
+    """``inter``: ``threads`` translators of one thread each, fed batches side by side (what
+    CTranslate2 documents for throughput), else one translator of ``threads`` threads."""
     import ctranslate2
     import sentencepiece
 
     source = sentencepiece.SentencePieceProcessor(model_file=f"{model_dir}/source.spm")
     target = sentencepiece.SentencePieceProcessor(model_file=f"{model_dir}/target.spm")
     translator = ctranslate2.Translator(
-        model_dir, device="cpu", intra_threads=threads, inter_threads=1
-    )
+        model_dir, device="cpu", intra_threads=1 if inter else threads,
+        inter_threads=threads if inter else 1,
+    )  # fmt: skip
 
-    def run(lines: list[str]) -> list[str]:
-        tokens = [pieces + ["</s>"] for pieces in source.encode(lines, out_type=str)]
-        results = translator.translate_batch(
-            tokens, beam_size=search["beam"], length_penalty=search["alpha"],
-            max_decoding_length=search["max_len"] - 1, min_decoding_length=1,
-            max_batch_size=len(lines),
-        )  # fmt: skip
-        return [target.decode(result.hypotheses[0]) for result in results]
+    def run(batches: list[list[str]]) -> list[list[str]]:
+        pending = []
+        for lines in batches:  # every batch submitted at once; each translator takes the next
+            tokens = [pieces + ["</s>"] for pieces in source.encode(lines, out_type=str)]
+            pending.append(
+                translator.translate_batch(
+                    tokens,
+                    beam_size=search["beam"],
+                    length_penalty=search["alpha"],
+                    max_decoding_length=search["max_len"] - 1,
+                    min_decoding_length=1,
+                    max_batch_size=len(lines),
+                    asynchronous=True,
+                )  # fmt: skip
+            )
+        return [[target.decode(r.result().hypotheses[0]) for r in results] for results in pending]
 
     return run
 
@@ -178,7 +198,10 @@ def hf_engine(model_dir: str, precision: str, search: dict[str, Any]) -> Engine:
     marian = MarianMTModel.from_pretrained(model_dir).eval()
     bf16 = precision == "bf16"
 
-    def run(lines: list[str]) -> list[str]:
+    def run(batches: list[list[str]]) -> list[list[str]]:
+        return [run_batch(lines) for lines in batches]
+
+    def run_batch(lines: list[str]) -> list[str]:
         sources = [ids + [EOS_ID] for ids in tokenizer.encode_source_batch(lines)]
         width = max(len(ids) for ids in sources)
         src = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for ids in sources])
@@ -203,13 +226,15 @@ def translate_all(
     run: Engine, lines: list[str], batches: list[list[int]]
 ) -> tuple[list[str], float]:
     """Outputs in the order of ``lines`` and the seconds taken, after one untimed batch."""
-    run([lines[i] for i in batches[0]])
+    run([[lines[i] for i in batches[0]]])
     outputs = [""] * len(lines)
     start = time.perf_counter()
-    for batch in batches:
-        for i, text in zip(batch, run([lines[i] for i in batch])):
+    translated = run([[lines[i] for i in batch] for batch in batches])
+    seconds = time.perf_counter() - start
+    for batch, texts in zip(batches, translated):
+        for i, text in zip(batch, texts):
             outputs[i] = text
-    return outputs, time.perf_counter() - start
+    return outputs, seconds
 
 
 # ----------------------------------------------------------------------------- worker
@@ -227,8 +252,8 @@ def _worker(settings: dict[str, Any]) -> None:
     impl, precision = settings["engine"].split(":")
     lines = json.loads(Path(settings["sources"]).read_text())
     batches = json.loads(Path(settings["batches"]).read_text())
-    if impl == "ct2":
-        run = ct2_engine(settings["model"], settings["threads"], settings)
+    if impl in ("ct2", "ct2-inter"):
+        run = ct2_engine(settings["model"], settings["threads"], settings, impl == "ct2-inter")
     else:
         import torch
 
@@ -289,7 +314,7 @@ def fastest_runs(
     for repeat in range(args.repeats):
         for engine in engines if repeat % 2 == 0 else engines[::-1]:
             impl, precision = engine.split(":")
-            model = paths[f"ct2:{precision}"] if impl == "ct2" else paths[impl]
+            model = paths[f"ct2:{precision}"] if impl.startswith("ct2") else paths[impl]
             settings = dict(
                 engine=engine, model=str(model), ours_dir=str(paths["ours"]),
                 sources=str(paths["sources"]), batches=str(paths["batches"]), beam=beam,
@@ -348,10 +373,10 @@ def profile(model_dir: Path, lines: list[str], batches, args: argparse.Namespace
     for beam in (int(b) for b in args.beams.split(",")):
         search = dict(beam=beam, alpha=args.alpha, max_len=args.max_len)
         run = ours_engine(str(model_dir), "fp32", search)
-        run([lines[i] for i in batches[0]])
+        run([[lines[i] for i in batches[0]]])
         with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
-            for batch in batches:
-                run([lines[i] for i in batch])
+            for batch in batches:  # one at a time: the operators' own threading
+                run([[lines[i] for i in batch]])
         print(f"\nbeam {beam}, fp32, {len(lines)} sentences in batches of {args.batch_size}:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
@@ -390,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed = {
             "ours": ("fp32", "int8", "bf16"),
             "ct2": ("fp32", "int8"),
+            "ct2-inter": ("fp32", "int8"),
             "hf": ("fp32", "bf16"),
         }
         if precision not in allowed.get(impl, ()):
@@ -441,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
             to_marian(model, tokenizer).save_pretrained(paths["hf"], safe_serialization=True)
         for precision in ("fp32", "int8"):
-            if f"ct2:{precision}" in engines:
+            if any(e in engines for e in (f"ct2:{precision}", f"ct2-inter:{precision}")):
                 from seq2seq.export_ct2 import save_ctranslate2
 
                 out = Path(scratch) / f"ct2_{precision}"

@@ -12,7 +12,13 @@ from seq2seq import Translator
 from seq2seq import validate as validate_module
 from seq2seq.config import DecodeConfig, ModelConfig
 from seq2seq.data import TOKENIZER_DIR, TokenizedCorpus, collate
-from seq2seq.decoding import max_output_lengths, quantize_int8, translate_ids
+from seq2seq.decoding import (
+    batch_workers,
+    max_output_lengths,
+    quantize_int8,
+    search_batches,
+    translate_ids,
+)
 from seq2seq.distributed import DistInfo
 from seq2seq.model import build_model
 from seq2seq.prepare import prepare
@@ -125,6 +131,12 @@ def test_int8_quantizes_a_copy_and_stays_close_to_fp32():
         exact, approx = model(src, tgt), quantized(src, tgt)
     assert not torch.equal(exact, approx)
     assert (exact - approx).abs().max() < 0.1 * exact.abs().max()
+    # The tied output projection runs int8 too, on a copy kept out of the state dict; the float
+    # embedding is untouched.
+    assert isinstance(quantized.decoder.output_projection, DynamicInt8Linear)
+    assert model.decoder.output_projection is None
+    assert not any("output_projection" in key for key in quantized.state_dict())
+    assert torch.equal(quantized.target_embedding.weight, model.target_embedding.weight)
     decode = DecodeConfig(beam_size=2, max_len_a=0.0, max_len_b=6)
     assert len(translate_ids(quantized, [[5, 6, 7, 2], [8, 2]], decode)) == 2
     with pytest.raises(ValueError, match="CPU only"):
@@ -154,3 +166,43 @@ def test_int8_off_the_cpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert translate_main(["--model", str(model_dir), "--precision", "int8"]) == 2
     err = capsys.readouterr().err
     assert "--precision int8 runs on the CPU only" in err and "Traceback" not in err
+
+
+def test_batches_searched_side_by_side_equal_one_after_another(monkeypatch):
+    model = tiny_model(40)
+    model.train()  # as the training loop's validation hands it over
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        [torch.randint(4, 40, (n,), generator=generator).tolist() + [2] for n in lengths]
+        for lengths in ([9, 8, 8], [7, 5], [4, 4, 3, 3], [2])
+    ]
+    decode = DecodeConfig(beam_size=3, nbest=2, max_len_a=0.0, max_len_b=10)
+    alone = [translate_ids(model, batch, decode) for batch in batches]
+    assert model.training
+    torch.set_num_threads(2)
+    assert batch_workers("cpu", None, len(batches)) == 2
+    seen_threads = []
+    original = translate_ids
+
+    def spy(*args, **kwargs):
+        seen_threads.append(torch.get_num_threads())
+        assert not model.training  # eval for the whole pool, not toggled per batch
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("seq2seq.decoding.translate_ids", spy)
+    together = list(search_batches(model, batches, decode))
+    assert seen_threads == [1] * len(batches)  # each search single-threaded
+    assert torch.get_num_threads() == 2 and model.training  # both restored
+    for ours, theirs in zip(together, alone, strict=True):
+        assert [[(h.tokens, h.score) for h in n] for n in ours] == [
+            [(h.tokens, h.score) for h in n] for n in theirs
+        ]
+
+
+def test_batch_workers_stay_at_one_where_order_or_devices_need_it():
+    torch.set_num_threads(2)
+    assert batch_workers("cpu", torch.Generator(), 5) == 1  # seeded sampling: one order of draws
+    assert batch_workers("cpu", None, 1) == 1
+    assert batch_workers("cuda", None, 5) == 1
+    torch.set_num_threads(1)
+    assert batch_workers("cpu", None, 5) == 1
