@@ -62,9 +62,17 @@ class ModelConfig:
     # A fixed (not trained) vector added to the output logits: Marian's final_logits_bias, and
     # -1e4 on vocabulary rows an imported model lacks, so they never take probability mass.
     output_bias: bool = False
+    # Additive biases in every linear layer and LayerNorm; false drops them all, as nanoGPT's
+    # default and PaLM do (the output projection never has one).
+    bias: bool = True
+    # "xavier": Xavier-uniform linear layers, token embeddings N(0, 1/d_model) (the Transformer's
+    # usual choice); "gpt2": every weight and embedding N(0, 0.02), the projections back into the
+    # residual stream N(0, 0.02 / sqrt(residual sums of the stack)) (GPT-2, section 2.3; nanoGPT).
+    init: str = "xavier"
 
     def validate(self) -> None:
         check_choice("model.arch", self.arch, ("transformer", "gpt", "bigram"))
+        check_choice("model.init", self.init, ("xavier", "gpt2"))
         check_choice("model.activation", self.activation, ("relu", "gelu", "gelu_tanh", "silu"))
         check_choice("model.positions", self.positions, ("sinusoidal", "learned"))
         if self.d_model % self.n_heads:

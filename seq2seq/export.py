@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from seq2seq.layers import sinusoidal_positions
 from seq2seq.model import Transformer
@@ -128,6 +128,10 @@ def marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     c = model.config
     perm = width_permutation(c.d_model)
     ours = model.state_dict()
+    if not c.bias:  # Marian always has biases: a bias-free model is the same network with zeros
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is None:
+                ours[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
     out: dict[str, Tensor] = {}
 
     def columns(name: str) -> Tensor:  # m-wide input (or embedding columns)

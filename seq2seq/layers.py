@@ -34,14 +34,14 @@ class MultiHeadAttention(nn.Module):
     ``project_key_value`` once per source (cross-attention) or once per new position (self-attention).
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = True) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(d_model, d_model, bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias)
 
     def project_key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(b, s, m) -> keys and values, each (b, h, s, d)."""
@@ -119,10 +119,12 @@ ACTIVATIONS = {  # model.activation -> function; the last two are GPT-2's and Ma
 class FeedForward(nn.Module):
     """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2, section 3.3 (GELU or SiLU as options)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation_dropout: float, activation: str) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, activation_dropout: float, activation: str, bias: bool = True
+    ) -> None:
         super().__init__()
-        self.linear_in = nn.Linear(d_model, d_ff)
-        self.linear_out = nn.Linear(d_ff, d_model)
+        self.linear_in = nn.Linear(d_model, d_ff, bias)
+        self.linear_out = nn.Linear(d_ff, d_model, bias)
         self.activation = ACTIVATIONS[activation]
         self.dropout = Dropout(activation_dropout)
 
@@ -142,7 +144,11 @@ class TokenEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.scale = math.sqrt(d_model) if scale else 1.0  # unscaled: GPT-2, some Marian models
         # Tied embeddings receive the output layer's gradient too; this scale keeps logits O(1).
-        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
+        self.reset(d_model**-0.5)
+
+    def reset(self, std: float) -> None:
+        """Draw the table from N(0, std^2), the padding row zero."""
+        nn.init.normal_(self.weight, mean=0.0, std=std)
         with torch.no_grad():
             self.weight[PAD_ID].zero_()
 
@@ -193,9 +199,11 @@ class Residual(nn.Module):
     Post-norm (paper): LayerNorm(x + Dropout(Sublayer(x))). Pre-norm: x + Dropout(Sublayer(LayerNorm(x))).
     """
 
-    def __init__(self, d_model: int, dropout: float, norm_first: bool, eps: float) -> None:
+    def __init__(
+        self, d_model: int, dropout: float, norm_first: bool, eps: float, bias: bool = True
+    ) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.norm = nn.LayerNorm(d_model, eps=eps, bias=bias)
         self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
@@ -218,26 +226,32 @@ class LayerShape:
     activation: str  # "relu" | "gelu"
     norm_first: bool  # pre-norm instead of the paper's post-norm
     layer_norm_eps: float
+    bias: bool  # additive biases in the linear layers and LayerNorms
 
     @classmethod
     def of(cls, config: ModelConfig) -> LayerShape:
         return cls(
             config.d_model, config.n_heads, config.d_ff, config.dropout, config.attention_dropout,
             config.activation_dropout, config.activation, config.norm_first, config.layer_norm_eps,
+            config.bias,
         )  # fmt: skip
 
     def attention(self) -> MultiHeadAttention:
-        return MultiHeadAttention(self.d_model, self.n_heads, self.attention_dropout)
+        return MultiHeadAttention(self.d_model, self.n_heads, self.attention_dropout, self.bias)
 
     def feed_forward(self) -> FeedForward:
-        return FeedForward(self.d_model, self.d_ff, self.activation_dropout, self.activation)
+        return FeedForward(
+            self.d_model, self.d_ff, self.activation_dropout, self.activation, self.bias
+        )
 
     def residual(self) -> Residual:
-        return Residual(self.d_model, self.dropout, self.norm_first, self.layer_norm_eps)
+        return Residual(self.d_model, self.dropout, self.norm_first, self.layer_norm_eps, self.bias)
 
     def final_norm(self) -> nn.LayerNorm | None:
         """Pre-norm leaves a stack's last residual sum unnormalised, so it ends with a LayerNorm."""
-        return nn.LayerNorm(self.d_model, eps=self.layer_norm_eps) if self.norm_first else None
+        if not self.norm_first:
+            return None
+        return nn.LayerNorm(self.d_model, eps=self.layer_norm_eps, bias=self.bias)
 
 
 class EncoderLayer(nn.Module):

@@ -13,6 +13,7 @@ sqrt(d_model), output projection tied to the target embedding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,12 @@ from seq2seq.layers import (
     DecoderLayer,
     DecoderState,
     EncoderLayer,
+    FeedForward,
     LayerCache,
     LayerShape,
+    MultiHeadAttention,
     PositionalEncoding,
+    Residual,
     TokenEmbedding,
     padding_mask,
 )
@@ -165,7 +169,7 @@ class Transformer(nn.Module):
         self.output_projection = decoder.output_projection
         self.output_bias = decoder.output_bias
         object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
-        _init_linear_layers(self)
+        init_weights(self, config.init, [self.encoder_layers, self.decoder_layers])
 
     def encode(self, src: Tensor, record: AttentionRecord | None = None) -> EncoderOutput:
         """src (b, s) token ids, right-padded with PAD_ID -> memory (b, s, m).
@@ -223,7 +227,7 @@ class GPT(nn.Module):
         self.output_projection = decoder.output_projection
         self.output_bias = decoder.output_bias
         object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
-        _init_linear_layers(self)
+        init_weights(self, config.init, [self.layers])
 
     def forward(self, tokens: Tensor, record: AttentionRecord | None = None) -> Tensor:
         """tokens (b, t) -> next-token logits (b, t, v); a ``record`` receives each layer's
@@ -317,13 +321,37 @@ class Bigram(nn.Module):
         return F.embedding(tokens, self.next_token_logits)
 
 
-def _init_linear_layers(model: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for every linear layer (embeddings set their own)."""
+GPT2_INIT_STD = 0.02
+
+
+def init_weights(model: nn.Module, scheme: str, stacks: list[nn.ModuleList]) -> None:
+    """Initialise ``model`` by ``model.init``; biases start at zero in both schemes.
+
+    ``xavier``: Xavier-uniform linear layers; embeddings keep their own N(0, 1/d_model).
+    ``gpt2``: linear layers and token embeddings N(0, 0.02), and the two projections of each
+    layer that write into the residual stream (attention output, FFN output) N(0, 0.02 / sqrt(N))
+    with N the residual sums of their stack, so the stream's variance does not grow with depth.
+    Learned positions are N(0, 0.02) in both.
+    """
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
+            if scheme == "gpt2":
+                nn.init.normal_(module.weight, mean=0.0, std=GPT2_INIT_STD)
+            else:
+                nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, TokenEmbedding) and scheme == "gpt2":
+            module.reset(GPT2_INIT_STD)
+    if scheme != "gpt2":
+        return
+    for stack in stacks:
+        std = GPT2_INIT_STD / math.sqrt(sum(isinstance(m, Residual) for m in stack.modules()))
+        for module in stack.modules():
+            if isinstance(module, MultiHeadAttention):
+                nn.init.normal_(module.out_proj.weight, mean=0.0, std=std)
+            elif isinstance(module, FeedForward):
+                nn.init.normal_(module.linear_out.weight, mean=0.0, std=std)
 
 
 def build_model(

@@ -57,6 +57,7 @@ def test_permuted_table_is_marians_sin_half_cos_half_table():
         ({"activation": "gelu"}, VOCAB),
         ({"tie_output": False}, VOCAB),
         ({"share_embeddings": False}, VOCAB + 7),
+        ({"bias": False, "init": "gpt2"}, VOCAB),  # Marian's biases are then zeros
     ],
 )
 def test_exported_logits_equal_ours_on_padded_batches(changes, src_vocab):

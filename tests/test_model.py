@@ -336,10 +336,10 @@ def test_positions_beyond_maximum_raise():
 
 
 def _expected_parameters(c: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the paper's layers counted by hand (biases on every linear layer, two per
-    LayerNorm); shared embeddings and a tied output count once."""
-    d, ff = c.d_model, c.d_ff
-    attention, feed_forward, norm = 4 * (d * d + d), d * ff + ff + ff * d + d, 2 * d
+    """Parameters of the paper's layers counted by hand (with ``bias``: biases on every linear
+    layer, two vectors per LayerNorm); shared embeddings and a tied output count once."""
+    d, ff, b = c.d_model, c.d_ff, int(c.bias)
+    attention, feed_forward, norm = 4 * (d * d + b * d), d * ff + ff * d + b * (ff + d), (1 + b) * d
     total = vocab_size * d  # target embedding (= source embedding = output projection)
     positions = c.max_positions * d if c.positions == "learned" else 0
     decoder_layer = attention + feed_forward + 2 * norm
@@ -365,6 +365,58 @@ def test_every_preset_has_the_parameters_its_layers_add_up_to():
     with torch.device("meta"):
         gpt2 = build_model(ModelConfig(preset="gpt2_small", **PRESETS["gpt2_small"]), 0, 50257)
     assert count_parameters(gpt2) == 124_439_808
+    # gpt_mini made bias-free is nanoGPT's character-level Shakespeare model (65 characters).
+    nano = {**PRESETS["gpt_mini"], "bias": False, "init": "gpt2", "scale_embedding": False}
+    with torch.device("meta"):
+        mini = build_model(ModelConfig(preset="gpt_mini", **nano), 0, 65)
+    assert count_parameters(mini) == 4 * 12 * 128**2 + 9 * 128 + (65 + 64) * 128 == 804_096
+    assert not [name for name, _ in mini.named_parameters() if name.endswith(".bias")]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "transformer"])
+def test_bias_free_model_has_no_biases_and_still_decodes_as_it_trains(arch):
+    config = tiny_config(arch=arch, norm_first=True, positions="learned", bias=False)
+    model = build_model(config, 50, 50).eval()
+    assert not [name for name, _ in model.named_parameters() if "bias" in name]
+    assert count_parameters(model) == _expected_parameters(config, 50)
+    tokens = torch.randint(4, 50, (2, 6))
+    with torch.no_grad():
+        if arch == "gpt":
+            full, state = model(tokens), model.start_decoding()
+        else:
+            src = random_tokens(2, 5, 50, [5, 3])
+            full, state = model(src, tokens), model.start_decoding(model.encode(src))
+        steps = torch.cat([model.decode_step(tokens[:, i : i + 1], state) for i in range(6)], 1)
+    assert torch.allclose(steps, full, atol=1e-5)
+
+
+def test_gpt2_init_draws_the_documented_scales():
+    """N(0, 0.02) everywhere, N(0, 0.02 / sqrt(N)) on the projections into the residual stream
+    (N residual sums per stack: 2 per GPT layer, 3 per decoder layer with cross-attention)."""
+    torch.manual_seed(0)
+    d, layers = 256, 4
+    gpt = GPT(tiny_config(arch="gpt", d_model=d, d_ff=4 * d, n_decoder_layers=layers,
+                          norm_first=True, positions="learned", init="gpt2"), 500)  # fmt: skip
+    seq = Transformer(tiny_config(d_model=d, d_ff=4 * d, n_encoder_layers=2, n_decoder_layers=3,
+                                  init="gpt2"), 500, 500)  # fmt: skip
+    cases = [
+        (gpt.token_embedding.weight[1:], 0.02),  # the padding row is zero
+        (gpt.layers[0].self_attention.q_proj.weight, 0.02),
+        (gpt.layers[2].feed_forward.linear_in.weight, 0.02),
+        (gpt.layers[1].self_attention.out_proj.weight, 0.02 / math.sqrt(2 * layers)),
+        (gpt.layers[3].feed_forward.linear_out.weight, 0.02 / math.sqrt(2 * layers)),
+        (seq.encoder_layers[1].feed_forward.linear_out.weight, 0.02 / math.sqrt(2 * 2)),
+        (seq.decoder_layers[0].cross_attention.out_proj.weight, 0.02 / math.sqrt(3 * 3)),
+    ]
+    for weight, std in cases:
+        # n >= 65,536 draws: the sample std is within 5% of sigma with overwhelming probability
+        # (its relative standard error is 1 / sqrt(2n) < 0.3%), the mean within 0.05 sigma.
+        assert abs(weight.std().item() / std - 1) < 0.05, (weight.shape, std)
+        assert abs(weight.mean().item()) < 0.05 * std
+    assert torch.all(gpt.token_embedding.weight[PAD_ID] == 0)
+    for model in (gpt, seq):
+        biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
+        assert biases and all(torch.all(b == 0) for b in biases)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
