@@ -169,7 +169,7 @@ class Transformer(nn.Module):
         self.output_projection = decoder.output_projection
         self.output_bias = decoder.output_bias
         object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
-        init_weights(self, config.init, [self.encoder_layers, self.decoder_layers])
+        init_parameters(self, config.init, [self.encoder_layers, self.decoder_layers])
 
     def encode(self, src: Tensor, record: AttentionRecord | None = None) -> EncoderOutput:
         """src (b, s) token ids, right-padded with PAD_ID -> memory (b, s, m).
@@ -227,7 +227,7 @@ class GPT(nn.Module):
         self.output_projection = decoder.output_projection
         self.output_bias = decoder.output_bias
         object.__setattr__(self, "decoder", decoder)  # parts registered above, saved once
-        init_weights(self, config.init, [self.layers])
+        init_parameters(self, config.init, [self.layers])
 
     def forward(self, tokens: Tensor, record: AttentionRecord | None = None) -> Tensor:
         """tokens (b, t) -> next-token logits (b, t, v); a ``record`` receives each layer's
@@ -324,7 +324,7 @@ class Bigram(nn.Module):
 GPT2_INIT_STD = 0.02
 
 
-def init_weights(model: nn.Module, scheme: str, stacks: list[nn.ModuleList]) -> None:
+def init_parameters(model: nn.Module, scheme: str, stacks: list[nn.ModuleList]) -> None:
     """Initialise ``model`` by ``model.init``; biases start at zero in both schemes.
 
     ``xavier``: Xavier-uniform linear layers; embeddings keep their own N(0, 1/d_model).
