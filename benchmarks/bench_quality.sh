@@ -9,13 +9,13 @@
 #   REPORT=1 IMPL=hf bash benchmarks/bench_quality.sh       # print the figures of a finished run
 #
 # IMPL=ours runs recipes/multi30k.sh as it is (recipes/configs/multi30k.yaml: transformer_small,
-# bf16, 4,096-token batches, checkpoint averaging, beam 5 with GNMT length penalty 0.6); each of
-# its stages runs through a small wrapper ($OUT/bench/python) that appends the stage's wall time
-# and peak RSS (ru_maxrss of the child) to $OUT/bench/stages.jsonl. IMPL=hf runs
-# benchmarks/bench_quality_hf.py: the same network as a MarianMTModel trained by Seq2SeqTrainer
-# on the same prepared data and scored the same way (its docstring lists what is matched and
-# what HF cannot match). Both share the prepared data in benchmarks/.cache/quality/data_$SRC-$TGT.
-# The figures come from bench_quality_hf.py --report, which reads either kind of run directory.
+# bf16, 4,096-token batches, checkpoint averaging, beam 5 with the GNMT length penalty chosen on
+# the validation set); each of its stages runs through a small wrapper ($OUT/bench/python) that
+# appends the stage's wall time and peak RSS (ru_maxrss of the child) to $OUT/bench/stages.jsonl.
+# IMPL=hf runs benchmarks/bench_quality_hf.py: the same network as a MarianMTModel trained by
+# Seq2SeqTrainer on the same prepared data and scored the same way (its docstring lists what is
+# matched and what HF cannot match). Both share the prepared data in
+# benchmarks/.cache/quality/data_$SRC-$TGT. The figures come from bench_quality_hf.py --report, which reads either kind of run directory.
 #
 # Variables [defaults]:
 #   SEQ2SEQ_DATA shared data folder holding multi30k/ [required, unless DATA is set]
@@ -25,6 +25,9 @@
 #   MAX_MINUTES  training budget in minutes [25]
 #   AVERAGE      checkpoints to average [3]
 #   TEST_LINES   score only the first N test sentences, 0 = all 1,000 [0]
+#   LENPEN_GRID  length penalties (GNMT alpha) both choose from on the validation set; empty:
+#                the config's [0.6 1.0 1.5 2.0]
+#   VALID_LINES  choose on the first N validation sentences, 0 = all 1,014 [0]
 #   OUT          run directory [benchmarks/.cache/quality/${IMPL}_$SRC-$TGT]
 #   FRESH        1: delete an earlier run in $OUT first (only a directory this script made) [0]
 #   REPORT       1: do not run, only print the figures of the finished run in $OUT [0]
@@ -44,6 +47,9 @@ TGT="${TGT:-en}"
 MAX_MINUTES="${MAX_MINUTES:-25}"
 AVERAGE="${AVERAGE:-3}"
 TEST_LINES="${TEST_LINES:-0}"
+LENPEN_GRID="${LENPEN_GRID-0.6 1.0 1.5 2.0}"
+VALID_LINES="${VALID_LINES:-0}"
+read -r -a GRID <<< "$LENPEN_GRID"
 CONFIG="${CONFIG:-$ROOT/recipes/configs/multi30k.yaml}"
 OUT="$(realpath -m "${OUT:-$HERE/.cache/quality/${IMPL}_$SRC-$TGT}")"
 PREPARED="$HERE/.cache/quality/data_$SRC-$TGT"
@@ -100,7 +106,8 @@ START=$SECONDS
 if [[ "$IMPL" == hf ]]; then
     PEER=("$PY" "$HERE/bench_quality_hf.py" --config "$CONFIG" --data "$DATA" --src "$SRC"
         --tgt "$TGT" --minutes "$MAX_MINUTES" --average "$AVERAGE" --test-lines "$TEST_LINES"
-        --out "$OUT" "${JSON_ARGS[@]}" prepare.out_dir="$PREPARED" "${EXTRA[@]}")
+        --valid-lines "$VALID_LINES" --lenpen-grid "${GRID[@]}" --out "$OUT" "${JSON_ARGS[@]}"
+        prepare.out_dir="$PREPARED" "${EXTRA[@]}")
     echo "+ $(shell_words "${PEER[@]}")"
     exec "${PEER[@]}"
 fi
@@ -138,6 +145,7 @@ EOF
 chmod +x "$OUT/bench/python"
 PYTHON="$OUT/bench/python" OUT="$OUT" SRC="$SRC" TGT="$TGT" DATA="$DATA" CONFIG="$CONFIG" \
     MAX_MINUTES="$MAX_MINUTES" AVERAGE="$AVERAGE" TEST_LINES="$TEST_LINES" STAGE="" \
+    LENPEN_GRID="$LENPEN_GRID" VALID_LINES="$VALID_LINES" \
     OVERRIDES="prepare.out_dir=$PREPARED ${OVERRIDES:-}" bash "$ROOT/recipes/multi30k.sh"
 echo "{\"stage\": \"total\", \"seconds\": $((SECONDS - START))}" >> "$OUT/bench/stages.jsonl"
 "$PY" "$HERE/bench_quality_hf.py" --report "$OUT" "${JSON_ARGS[@]}"

@@ -3,6 +3,7 @@
     python benchmarks/bench_quality_hf.py --minutes 25                  # de->en, test2016, beam 5
     python benchmarks/bench_quality_hf.py --minutes 1 --test-lines 50   # smoke test
     python benchmarks/bench_quality_hf.py --report DIR [--json FILE]    # figures of a finished run
+    python benchmarks/bench_quality_hf.py --decode-only --out DIR       # decode a run's checkpoints again
 
 The peer of ``recipes/multi30k.sh``; ``benchmarks/bench_quality.sh`` runs either (``IMPL=hf`` this
 one) into ``benchmarks/.cache/quality/`` and prints the same lines for both with ``--report``,
@@ -36,8 +37,10 @@ What HF cannot express, and what is used instead:
     HF update uses the rate of our previous one;
   - the length penalty: ours is GNMT, scores / ``((5 + len) / 6) ** alpha``; HF divides by
     ``len ** alpha'``. Only the ratio between candidate lengths matters, so ``alpha'`` is the
-    elasticity of GNMT's penalty at the median test source length L (EOS included):
-    ``alpha' = alpha * L / (5 + L)`` (about 0.45 for alpha 0.6); ``--length-penalty`` overrides;
+    elasticity of GNMT's penalty at the median source length L (EOS included):
+    ``alpha' = alpha * L / (5 + L)`` (about 0.45 for alpha 0.6); ``--length-penalty`` overrides.
+    As the recipe does, alpha is chosen on the validation set from ``--lenpen-grid`` (each
+    alpha's ``alpha'`` at the validation median) and written to ``length_penalty.json``;
   - the length limit: ours is ``max_len_a * source_len + max_len_b`` per sentence, HF has one
     ``max_new_tokens`` per ``generate`` call: that formula on the batch's longest source (batches
     of ``--decode-batch`` sentences sorted by length). PAD and BOS are suppressed, EOS is
@@ -73,6 +76,7 @@ from torch.utils.data import Dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes" / "tools"))
+from choose_length_penalty import choose  # noqa: E402
 from export_split import one_line  # noqa: E402
 
 from seq2seq.checkpoint import load_trainer_state, read_pointer  # noqa: E402
@@ -332,6 +336,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "train_sessions": len(train),
         "train_max_rss_mib": max(s["max_rss_mib"] for s in train) if train else None,
         "total_seconds": total[-1]["seconds"] if total else None,
+        "length_penalty": (_read_json(run_dir / "length_penalty.json") or {}).get("chosen"),
     }
     if train and "updates" in train[-1]:  # this script's run
         summary.update(
@@ -357,6 +362,9 @@ def print_summary(s: dict[str, Any]) -> None:
         f"task              {s.get('src', '?')} -> {s.get('tgt', '?')}, Multi30k test2016, "
         f"{s['sentences']} sentences, beam 5, budget {float(s.get('max_minutes', 'nan')):g} min"
     )
+    lenpen = s.get("length_penalty")
+    chosen = "config's" if lenpen is None else f"{lenpen:g}, chosen on validation"
+    print(f"length penalty    {chosen}")
     print(f"BLEU              {s['bleu']:.2f}  {s['bleu_signature']}")
     print(f"BLEU lower-cased  {s['bleu_lc']:.2f}  {s['bleu_lc_signature']}")
     if s.get("chrf") is not None:
@@ -383,6 +391,46 @@ def report(run_dir: Path, json_path: str | None) -> int:
 # ----------------------------------------------------------------------------- driver
 
 
+def read_split(config: RunConfig, split: str, max_lines: int) -> tuple[list[str], list[str]]:
+    """The first ``max_lines`` (0: all) sources and references of ``split``, as the recipe's
+    ``export_split.py`` writes them."""
+    sources, references = [], []
+    for source, target in read_parallel(config.data, split):
+        if max_lines and len(sources) == max_lines:
+            break
+        sources.append(one_line(source))
+        references.append(one_line(target))
+    return sources, references
+
+
+def choose_on_validation(
+    model: Any, tokenizer: Tokenizer, config: RunConfig, args: argparse.Namespace, out: Path
+) -> float:
+    """The GNMT alpha of ``--lenpen-grid`` whose matched HF penalty scores the best validation
+    BLEU (the recipe's ``choose_length_penalty.py`` rule); the table goes to length_penalty.json."""
+    sources_text, references = read_split(config, config.data.valid_split, args.valid_lines)
+    sources = [ids + [EOS_ID] for ids in tokenizer.encode_source_batch(sources_text)]
+    rows, signature = [], ""
+    for alpha in args.lenpen_grid:
+        hf_penalty = matched_length_penalty(alpha, [len(s) for s in sources])
+        outputs = translate(model, sources, config, hf_penalty, args.decode_batch)
+        hypotheses = [tokenizer.decode_target(tokens) for tokens in outputs]
+        bleu = score(hypotheses, [references], ("bleu",))["bleu"]
+        signature = str(bleu["signature"])
+        rows.append({"alpha": alpha, "hf_length_penalty": hf_penalty, "bleu": bleu["score"],
+                     "text": bleu["text"]})  # fmt: skip
+        print(f"hf: validation, alpha {alpha:g} (HF {hf_penalty:.3f}): {bleu['text']}", flush=True)
+    chosen = choose([(row["alpha"], row["bleu"]) for row in rows])
+    result = {"chosen": chosen, "scores": rows, "signature": signature, "sentences": len(sources)}
+    (out / "length_penalty.json").write_text(json.dumps(result, indent=1) + "\n")
+    return chosen
+
+
+def _vocab_sizes(config: RunConfig) -> tuple[int, int]:
+    tokenizer = Tokenizer.load(config.prepared_dir() / "tokenizer")
+    return tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
+
+
 def _append_stage(out: Path, record: dict[str, Any]) -> None:
     with open(out / STAGES, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -400,6 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-lines", type=int, default=0, help="first N test sentences, 0 all")
     parser.add_argument("--out", help="run directory [benchmarks/.cache/quality/hf_SRC-TGT]")
     parser.add_argument("--length-penalty", type=float, help="HF length_penalty [matched, above]")
+    parser.add_argument(
+        "--lenpen-grid",
+        nargs="*",
+        type=float,
+        default=[0.6, 1.0, 1.5, 2.0],
+        help="GNMT alphas to choose from on the validation set; none: the config's [%(default)s]",
+    )
+    parser.add_argument("--valid-lines", type=int, default=0, help="first N validation, 0 all")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="skip training: average and decode the checkpoints of the run in --out again",
+    )
     parser.add_argument("--decode-batch", type=int, default=64, help="sentences per generate")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--report", metavar="DIR", help="only print the figures of run DIR")
@@ -418,8 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     pair = f"{args.src}-{args.tgt}"
     out = Path(args.out or CACHE / f"hf_{pair}").resolve()
     checkpoints = out / "checkpoints"
-    if any(checkpoints.glob("checkpoint-*")):
+    has_checkpoints = any(checkpoints.glob("checkpoint-*"))
+    if has_checkpoints and not args.decode_only:
         sys.exit(f"bench_quality_hf: {checkpoints} holds an earlier run; delete {out} first")
+    if args.decode_only and not has_checkpoints:
+        sys.exit(f"bench_quality_hf: --decode-only: no checkpoint-N folder under {checkpoints}")
     (out / "bench").mkdir(parents=True, exist_ok=True)
     overrides = [
         "data.format=text",
@@ -431,38 +495,44 @@ def main(argv: list[str] | None = None) -> int:
         *args.overrides,
     ]
     config = load_config(args.config, overrides)
-    settings = {"impl": "hf", "src": args.src, "tgt": args.tgt, "max_minutes": args.minutes}
-    settings.update(average=args.average, test_lines=args.test_lines, config=args.config)
-    (out / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
-
-    model, facts = train_marian(config, args.minutes, checkpoints)
-    _append_stage(
-        out,
-        {
-            "stage": "train",
-            "seconds": round(time.monotonic() - STARTED, 1),
-            "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            **facts,
-        },
-    )
+    if args.decode_only:
+        model = to_marian(
+            build_model(config.model, *_vocab_sizes(config)),
+            Tokenizer.load(config.prepared_dir() / "tokenizer"),
+        )
+        # The training run's records stay; its decode is the one redone, and timed, here.
+        kept = [line for line in (out / STAGES).read_text().splitlines() if '"decode"' not in line]
+        (out / STAGES).write_text("".join(line + "\n" for line in kept))
+        facts = {"train_loss": 0.0}
+    else:
+        settings = {"impl": "hf", "src": args.src, "tgt": args.tgt, "max_minutes": args.minutes}
+        settings.update(average=args.average, test_lines=args.test_lines, config=args.config)
+        (out / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+        model, facts = train_marian(config, args.minutes, checkpoints)
+        _append_stage(
+            out,
+            {
+                "stage": "train",
+                "seconds": round(time.monotonic() - STARTED, 1),
+                "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                **facts,
+            },
+        )
     averaged = average_last(model, checkpoints, args.average)
     print(f"hf: averaged {', '.join(p.name for p in averaged)}", flush=True)
 
     decode_start = time.monotonic()
     tokenizer = Tokenizer.load(config.prepared_dir() / "tokenizer")
-    sources_text, references = [], []
-    for source, target in read_parallel(config.data, config.data.test_split):
-        if args.test_lines and len(sources_text) == args.test_lines:
-            break
-        sources_text.append(one_line(source))
-        references.append(one_line(target))
+    sources_text, references = read_split(config, config.data.test_split, args.test_lines)
     sources = [ids + [EOS_ID] for ids in tokenizer.encode_source_batch(sources_text)]
     alpha = config.decode.length_penalty
+    if args.length_penalty is None and args.lenpen_grid:
+        alpha = choose_on_validation(model, tokenizer, config, args, out)
     length_penalty = args.length_penalty
     if length_penalty is None:
         length_penalty = matched_length_penalty(alpha, [len(s) for s in sources])
     print(f"hf: beam {config.decode.beam_size}, length_penalty {length_penalty:.3f} "
-          f"(ours: GNMT alpha {alpha})", flush=True)  # fmt: skip
+          f"(ours: GNMT alpha {alpha:g})", flush=True)  # fmt: skip
     outputs = translate(model, sources, config, length_penalty, args.decode_batch)
     hypotheses = [tokenizer.decode_target(tokens) for tokens in outputs]
     for name, lines in (("test.src", sources_text), ("test.ref", references)):
@@ -476,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(scores, indent=1, ensure_ascii=False)
         (out / name).write_text(text + "\n", encoding="utf-8")
     _append_stage(out, {"stage": "decode", "seconds": round(time.monotonic() - decode_start, 1)})
-    _append_stage(out, {"stage": "total", "seconds": round(time.monotonic() - STARTED, 1)})
+    if not args.decode_only:
+        _append_stage(out, {"stage": "total", "seconds": round(time.monotonic() - STARTED, 1)})
     if not math.isfinite(facts["train_loss"]):
         print("warning: the training loss is not finite", file=sys.stderr)
     return report(out, args.json)

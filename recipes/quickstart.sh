@@ -8,7 +8,8 @@
 # bentrevett/multi30k when it answers within seconds, else a small German-English corpus generated
 # here (recipes/tools/make_toy_corpus.py). The run itself is recipes/multi30k.sh with
 # recipes/configs/multi30k_quick.yaml; its variables (OUT, MAX_MINUTES, AVERAGE, OVERRIDES,
-# TEST_LINES, STAGE) apply. Defaults: OUT=runs/quickstart, MAX_MINUTES=5, AVERAGE=3.
+# TEST_LINES, LENPEN_GRID, VALID_LINES, STAGE) apply. Defaults: OUT=runs/quickstart, MAX_MINUTES=5,
+# AVERAGE=3, VALID_LINES=300.
 # PYTHON=... uses that interpreter as it is, without installing anything.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +37,7 @@ export PYTHON
 export OUT="${OUT:-runs/quickstart}"
 export MAX_MINUTES="${MAX_MINUTES:-5}"
 export AVERAGE="${AVERAGE:-3}"
+export VALID_LINES="${VALID_LINES:-300}"  # the length penalty chosen on 300 validation sentences
 # A 2+2-layer, d_model 128 model that learns something in a few CPU minutes.
 export CONFIG="${CONFIG:-$HERE/configs/multi30k_quick.yaml}"
 EXTRA=""

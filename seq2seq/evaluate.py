@@ -196,6 +196,23 @@ def read_lines(path: str | Path) -> list[str]:
     return list(iter_lines(path, error=EvaluateError))
 
 
+def read_aligned(source_path: str | Path, target_path: str | Path) -> tuple[list[str], list[str]]:
+    """The lines of two files that pair up line by line (sources and their references).
+
+    Raises:
+        EvaluateError: an unreadable file, different line counts, or both files empty.
+    """
+    sources, targets = read_lines(source_path), read_lines(target_path)
+    if len(sources) != len(targets):
+        raise EvaluateError(
+            f"line counts differ: {source_path} has {len(sources)} lines, "
+            f"{target_path} has {len(targets)}"
+        )
+    if not sources:
+        raise EvaluateError(f"nothing to score: {source_path} and {target_path} are empty")
+    return sources, targets
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seq2seq evaluate",
@@ -280,14 +297,7 @@ def _perplexity_cli(args: argparse.Namespace) -> dict:
     else:
         if not (args.src and args.ref and len(args.ref) == 1):
             raise EvaluateError("a Transformer model needs --src FILE and one --ref FILE")
-        sources, targets = read_lines(args.src), read_lines(args.ref[0])
-        if len(sources) != len(targets):
-            raise EvaluateError(
-                f"line counts differ: {args.src} has {len(sources)} lines, "
-                f"{args.ref[0]} has {len(targets)}"
-            )
-        if not sources:
-            raise EvaluateError(f"nothing to score: {args.src} and {args.ref[0]} are empty")
+        sources, targets = read_aligned(args.src, args.ref[0])
         pairs = list(
             zip(tokenizer.encode_source_batch(sources), tokenizer.encode_target_batch(targets))
         )

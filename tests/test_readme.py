@@ -89,7 +89,7 @@ def test_module_map_lists_every_module_and_recipes_exist():
 @pytest.mark.slow
 def test_quick_start_runs_offline_on_a_tiny_budget(tmp_path):
     """No Multi30k and no hub: the generated corpus, a small model, 100 updates, 50 sentences."""
-    unset = ("DATA", "SEQ2SEQ_DATA", "STAGE", "CONFIG", "AVERAGE", "SRC", "TGT")
+    unset = ("DATA", "SEQ2SEQ_DATA", "STAGE", "CONFIG", "AVERAGE", "SRC", "TGT", "VALID_LINES")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(PYTHON=sys.executable, HF_HUB_OFFLINE="1", OUT=str(tmp_path / "qs"))
     env.update(MAX_MINUTES="10", TEST_LINES="50")
@@ -110,6 +110,7 @@ def test_quick_start_runs_offline_on_a_tiny_budget(tmp_path):
     out = tmp_path / "qs"
     assert len((out / "test.hyp").read_text().splitlines()) == 50
     assert "averaged 2 checkpoints" in result.stdout
+    assert json.loads((out / "length_penalty.json").read_text())["sentences"] == 300
     bleu = json.loads((out / "scores.json").read_text())["bleu"]["score"]
     assert bleu > QUICKSTART_TOY_BLEU_FLOOR
 

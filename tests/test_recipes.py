@@ -27,6 +27,7 @@ RECIPES = ROOT / "recipes"
 TOOLS = RECIPES / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import choose_length_penalty  # noqa: E402
 import export_split  # noqa: E402
 import hub_reachable  # noqa: E402
 import make_toy_corpus  # noqa: E402
@@ -39,7 +40,7 @@ RECIPE_SCRIPTS = sorted(RECIPES.glob("*.sh"))
 RECIPE_VARIABLES = (
     "DATA", "OUT", "STAGE", "OVERRIDES", "MAX_MINUTES", "AVERAGE", "TEST_LINES", "CONFIG", "SRC",
     "TGT", "NGPU", "NNODES", "NODE_RANK", "BIG", "MAX_STEPS", "TOKENS_PER_UPDATE", "GPU_TOKENS",
-    "PRECISION", "PROMPT",
+    "PRECISION", "PROMPT", "LENPEN_GRID", "VALID_LINES",
 )  # fmt: skip
 
 
@@ -203,6 +204,50 @@ def test_toy_corpus_is_deterministic_and_grammatical(tmp_path):
     assert any(" einen " in de for de in german)  # masculine accusative objects
 
 
+def test_choose_length_penalty_takes_the_best_bleu_and_the_first_of_equals():
+    assert choose_length_penalty.choose([(0.6, 30.0), (1.0, 31.5), (2.0, 31.0)]) == 1.0
+    assert choose_length_penalty.choose([(0.6, 31.5), (1.0, 31.5), (2.0, 31.0)]) == 0.6
+    assert choose_length_penalty.choose([(2.0, 0.0)]) == 2.0
+
+
+def test_choose_length_penalty_scores_each_alpha_as_translate_would(tmp_path, capsys):
+    from test_api import tiny_translation_dir
+
+    from seq2seq.api import Translator
+    from seq2seq.evaluate import score
+
+    model = tiny_translation_dir(tmp_path / "tiny")
+    sources = ["abc", "hello there", "a much longer line of text", "x"]
+    references = ["cba", "there hello", "text of line longer much a", "x"]
+    (tmp_path / "dev.src").write_text("".join(line + "\n" for line in sources))
+    (tmp_path / "dev.ref").write_text("".join(line + "\n" for line in references))
+    args = ["--model", str(model), "--source", str(tmp_path / "dev.src")]
+    args += ["--ref", str(tmp_path / "dev.ref"), "--device", "cpu"]
+    out = tmp_path / "lenpen.json"
+    assert choose_length_penalty.main([*args, "--grid", "0", "1.5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    translator = Translator.load(model, device="cpu")
+    for row in result["scores"]:
+        hyps = translator.translate(sources, length_penalty=row["alpha"])
+        assert row["bleu"] == score(hyps, [references], ("bleu",))["bleu"]["score"]
+    assert [row["alpha"] for row in result["scores"]] == [0.0, 1.5] and result["sentences"] == 4
+    assert result["chosen"] == choose_length_penalty.choose(
+        [(row["alpha"], row["bleu"]) for row in result["scores"]]
+    )
+    assert out.read_text().splitlines()[1] == f' "chosen": {result["chosen"]},'  # the recipe's sed
+    assert "case:mixed" in result["signature"]
+
+    (tmp_path / "short.ref").write_text("one line\n")
+    capsys.readouterr()
+    bad = [*args[:4], "--ref", str(tmp_path / "short.ref"), "--grid", "1", "--out", str(out)]
+    assert choose_length_penalty.main(bad) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "short.ref has 1" in error
+    with pytest.raises(SystemExit) as exit_info:
+        choose_length_penalty.main([*args, "--grid", "nan", "--out", str(out)])
+    assert exit_info.value.code == 2
+
+
 def test_export_split_writes_one_line_per_example_and_extra_references(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -311,10 +356,18 @@ def test_multi30k_recipe_end_to_end(shared_data, tmp_path):
     out = tmp_path / "m30k"
     env = {"DATA": str(shared_data / "multi30k"), "OUT": str(out), "MAX_MINUTES": "15"}
     env.update(CONFIG=str(M30K_CONFIG), AVERAGE="3", TEST_LINES="300", OVERRIDES=M30K_OVERRIDES)
+    env.update(VALID_LINES="200", LENPEN_GRID="0 1.5")
     result = run_bash(RECIPES / "multi30k.sh", env, 900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for n, name in enumerate(["prepare", "train", "average", "test-text", "translate"]):
+    names = "prepare train average test-text valid-text length-penalty translate".split()
+    for n, name in enumerate(names):
         assert f"=== stage {n} ({name})\n+ " in result.stdout
+    assert len((out / "valid.src").read_text().splitlines()) == 200
+    # The test set is decoded with the alpha that scored best on validation.
+    tuned = json.loads((out / "length_penalty.json").read_text())
+    assert [row["alpha"] for row in tuned["scores"]] == [0.0, 1.5] and tuned["sentences"] == 200
+    assert tuned["chosen"] == max(tuned["scores"], key=lambda row: row["bleu"])["alpha"]
+    assert f"--lenpen {tuned['chosen']}\n" in result.stdout
     assert "averaged 3 checkpoints" in result.stdout
     valid_losses = [float(x) for x in re.findall(r"\| valid \| valid_loss ([\d.]+)", result.stdout)]
     assert len(valid_losses) == 3 and valid_losses[-1] < M30K_VALID_LOSS_CEILING
@@ -329,7 +382,7 @@ def test_multi30k_recipe_end_to_end(shared_data, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
 
     again = run_bash(RECIPES / "multi30k.sh", env, 120)  # idempotent: every stage done already
-    assert again.returncode == 0 and again.stdout.count("done already") == 7
+    assert again.returncode == 0 and again.stdout.count("done already") == 9
 
 
 # The config's nanoGPT CPU setting cut to 200 updates and 200 sampled characters. Measured: valid
