@@ -472,7 +472,17 @@ def test_recipe_help_prints_the_header_and_starts_nothing(tmp_path, script, flag
 
 
 # A stand-in interpreter: records each call's arguments, one line per call, and succeeds.
-RECORDING_PYTHON = '#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+# Records each call; stands in for choose_length_penalty.py's output, whose first line the recipe
+# reads (the tool's real output is tested above), so that the stages after it run.
+RECORDING_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+if [[ "$1" == */choose_length_penalty.py ]]; then
+    while (($#)); do
+        if [[ "$1" == --out ]]; then printf '{\n "chosen": 1.5,\n "bleu": {}\n}\n' > "$2"; fi
+        shift
+    done
+fi
+"""
 
 
 def recorded_calls(tmp_path: Path, script: Path, env: dict[str, str]) -> list[str]:
@@ -499,6 +509,9 @@ def test_overrides_reach_every_stage_that_reads_the_config(tmp_path, recipe):
     assert len(readers) >= 3  # prepare, train, test-text
     for call in readers:
         assert call.endswith(overrides) or f" {overrides} " in f" {call} ", call
+    if recipe == "multi30k.sh":  # the test set is decoded with the penalty chosen on validation
+        (translate,) = [call for call in calls if "seq2seq.translate" in call]
+        assert translate.endswith("--lenpen 1.5"), translate
 
 
 def test_export_split_follows_an_overridden_direction(tmp_path):
