@@ -471,14 +471,14 @@ def test_recipe_help_prints_the_header_and_starts_nothing(tmp_path, script, flag
     assert list(tmp_path.iterdir()) == []  # no run directory, no .venv, nothing
 
 
-# A stand-in interpreter: records each call's arguments, one line per call, and succeeds.
-# Records each call; stands in for choose_length_penalty.py's output, whose first line the recipe
-# reads (the tool's real output is tested above), so that the stages after it run.
+# A stand-in interpreter: records each call's arguments, one line per call, and succeeds. For
+# choose_length_penalty.py it also writes the JSON whose first line the recipe reads (the tool's
+# real output is tested above), so that the stages after it run.
 RECORDING_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 if [[ "$1" == */choose_length_penalty.py ]]; then
     while (($#)); do
-        if [[ "$1" == --out ]]; then printf '{\n "chosen": 1.5,\n "bleu": {}\n}\n' > "$2"; fi
+        if [[ "$1" == --out ]]; then printf '{\n "chosen": 1.5,\n "scores": []\n}\n' > "$2"; fi
         shift
     done
 fi
