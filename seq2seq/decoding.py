@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from seq2seq.config import DecodeConfig
+from seq2seq.kernels import float32_linear
 from seq2seq.search import (
     NEG_INF,
     Hypothesis,
@@ -251,7 +252,7 @@ def translate_ids(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, float32_linear(device, dtype):
             decoder = TransformerDecoder(model, src)
             settings = dict(
                 max_len=max_len,

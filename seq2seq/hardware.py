@@ -74,16 +74,27 @@ class PrecisionChoice:
         return f"precision: {self.precision} ({self.reason})"
 
 
-def _cpu_flags() -> frozenset[str]:
-    """The x86 feature flags the kernel reports (Linux); empty where they cannot be read."""
+def _cpuinfo_field(name: str) -> str:
+    """The first ``name`` line of /proc/cpuinfo (Linux), or "" where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.split(":", 1)[0].strip() == name:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The x86 feature flags the kernel reports (Linux); empty where they cannot be read."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """``AuthenticAMD``, ``GenuineIntel``, ... as the kernel reports it; "" where unknown."""
+    return _cpuinfo_field("vendor_id")
 
 
 def _hardware_cpu_class(flags: frozenset[str]) -> str:

@@ -10,19 +10,25 @@ three of them, with the measurements behind each choice in ``benchmarks/RESULTS.
 - :class:`SmoothedNLL`: the label-smoothed loss with a hand-written backward that reuses one
   float32 buffer for logits, softmax and gradient;
 - :func:`column_major_weights`: the weight matrices of a CPU model that decodes laid out so that
-  each linear layer's matrix product reads them without a transpose.
+  each linear layer's matrix product reads them without a transpose;
+- :func:`float32_linear`: float32 linear layers of CPU training and decoding on oneDNN instead of
+  MKL where MKL runs below the CPU's vector width (AMD with AVX-512).
 
 Shape legend: b batch, h heads, t queries, s keys, d head width, n tokens, v vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
-from seq2seq.hardware import cpu_has_native_bf16
+from seq2seq.hardware import cpu_class, cpu_has_native_bf16, cpu_vendor
 
 # --------------------------------------------------------------------------- dropout
 
@@ -192,3 +198,94 @@ def column_major_weights(model: nn.Module) -> nn.Module:
             ):
                 parameter.data = parameter.data.t().contiguous().t()
     return model
+
+
+# --------------------------------------------------------------------------- float32 linear layers
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ weight (out, in)^T + bias on oneDNN's float32 matmul; strided views allowed."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` whose three matrix products (forward, input and weight gradients) run on oneDNN.
+
+    ``apply(x (..., in), weight (out, in), bias (out,) or None) -> (..., out)``; saves what
+    ``F.linear``'s own backward saves (the input and the weight).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t(), None)  # (..., out) @ (out, in)
+        rows = grad.reshape(-1, grad.size(-1))
+        if ctx.needs_input_grad[1]:  # (out, n) @ (n, in)
+            grad_weight = _onednn_linear(rows.t(), x.reshape(-1, x.size(-1)).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class _LinearOnOneDNN(TorchFunctionMode):
+    """Sends every float32 CPU ``F.linear`` (``nn.Linear`` calls it) to oneDNN: through
+    :class:`OneDNNLinear` when autograd records, straight to the product otherwise."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (
+                x.dtype == weight.dtype == torch.float32
+                and x.device.type == weight.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")
+            ):
+                if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                    return OneDNNLinear.apply(x, weight, bias)
+                return _onednn_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def onednn_float32_linear_is_faster() -> bool:
+    """True on CPUs whose float32 matmuls run faster on oneDNN than on MKL: AMD with AVX-512.
+
+    MKL (PyTorch's float32 GEMM on x86) runs its AVX2 code on AMD processors. On an AMD EPYC with
+    AVX-512 (Zen 5 class, 2 threads) its 2048^3 peak was 188 GFLOP/s, the AVX2 FMA peak, while
+    oneDNN's AVX-512 kernel ran (2048 x 256) x (256 x 1024) at 2.2x MKL's speed forward and 2x
+    for the input gradient (benchmarks/RESULTS.md). On Intel MKL uses AVX-512 itself, and on an
+    AVX2-only CPU both libraries run the same instructions, so MKL stays.
+    """
+    return (
+        cpu_vendor() == "AuthenticAMD"
+        and cpu_class() in ("avx512", "avx512_bf16", "amx")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def float32_linear(device: torch.device | str, dtype: torch.dtype | None, compiled: bool = False):
+    """A context for a training forward or a decoding search: float32 CPU linear layers on the
+    faster library here.
+
+    ``dtype`` is the autocast dtype (None = float32). Nothing changes under autocast, on CUDA, for a
+    compiled model (the compiler picks its own kernels) or where MKL is as fast
+    (:func:`onednn_float32_linear_is_faster`). Both libraries compute the same products in float32;
+    they differ only in the order of the sums (rounding, ~1e-6 relative). The choice holds in the
+    thread that enters the context (PyTorch keeps such modes per thread).
+    """
+    if torch.device(device).type != "cpu" or dtype is not None or compiled:
+        return contextlib.nullcontext()
+    if not onednn_float32_linear_is_faster():
+        return contextlib.nullcontext()
+    return _LinearOnOneDNN()

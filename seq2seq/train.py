@@ -69,6 +69,7 @@ from seq2seq.data import (
     collate,
     lm_batch,
 )
+from seq2seq.kernels import float32_linear
 from seq2seq.loss import label_smoothed_nll
 from seq2seq.stopping import STOP_REQUESTED, finished, stop_requests, update_best
 from seq2seq.tokenizer import TokenizerError
@@ -172,6 +173,7 @@ def train_step(
     tc, device, world_size = run.config.train, run.info.device, run.info.world_size
     net, optimizer, scaler, dtype = run.net, run.optimizer, run.scaler, run.dtype
     net.train()
+    linear_kernel = float32_linear(device, dtype, tc.compile)
     loss_sum = torch.zeros((), device=device)
     nll_sum = torch.zeros((), device=device)
     try:
@@ -180,7 +182,8 @@ def train_step(
             # Gradients are all-reduced only after the last micro-batch of the update.
             last = i == len(batches) - 1
             with net.no_sync() if world_size > 1 and not last else nullcontext():
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+                with autocast, linear_kernel:
                     logits = _forward(net, batch)
                     loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
                 scaler.scale(loss).backward()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from seq2seq import hardware, kernels
 
@@ -108,3 +109,97 @@ def test_column_major_weights_change_layout_not_maths():
     decode = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=12)
     ours, theirs = translate_ids(laid_out, sources, decode), translate_ids(model, sources, decode)
     assert [h[0].tokens for h in ours] == [h[0].tokens for h in theirs]
+
+
+# --------------------------------------------------------------------------- float32 linear layers
+
+
+def _float32_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The worst-case error of float32 dot products a @ b (any summation order): gamma_k |a| @ |b|,
+    gamma_k = k u / (1 - k u), u = 2^-24, plus one rounding of the result; in float64."""
+    k, u = a.shape[-1], 2.0**-24
+    gamma = k * u / (1 - k * u)
+    return (gamma + u) * (a.double().abs() @ b.double().abs())
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="torch built without oneDNN"
+)
+def test_onednn_linear_and_its_gradients_are_float32_products():
+    """Forward, input, weight and bias gradients against float64, within the float32 bound;
+    a transposed (strided) input and an upstream gradient that is a strided view as well."""
+    generator = torch.Generator().manual_seed(0)
+    x64 = torch.randn(7, 5, 48, dtype=torch.float64, generator=generator).transpose(0, 1)
+    w64 = torch.randn(24, 48, dtype=torch.float64, generator=generator)
+    b64 = torch.randn(24, dtype=torch.float64, generator=generator)
+    up64 = torch.randn(24, 7, 5, dtype=torch.float64, generator=generator).permute(2, 1, 0)
+    x, w, b = (t.float().requires_grad_() for t in (x64, w64, b64))
+    out = kernels.OneDNNLinear.apply(x, w, b)
+    out.backward(up64.float())
+    x64.requires_grad_(), w64.requires_grad_(), b64.requires_grad_()
+    F.linear(x64, w64, b64).backward(up64)
+
+    def within(got, want, bound):
+        assert (got.double() - want).abs().le(bound + 1e-12).all()
+
+    rows_x, rows_up = x64.detach().reshape(-1, 48), up64.reshape(-1, 24)
+    within(out.detach(), F.linear(x64, w64, b64).detach(), _float32_bound(x64.detach(), w64.t()))
+    within(x.grad, x64.grad, _float32_bound(up64, w64.detach()))
+    within(w.grad, w64.grad, _float32_bound(rows_up.t(), rows_x))
+    within(b.grad, b64.grad, 35 * 2.0**-24 * rows_up.abs().sum(0))
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+
+
+def test_float32_linear_engages_only_for_float32_cpu_training_where_it_is_faster(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels, "onednn_float32_linear_is_faster", lambda: True)
+    assert isinstance(kernels.float32_linear(cpu, None, False), kernels._LinearOnOneDNN)
+    for device, dtype, compiled in [
+        (cpu, torch.bfloat16, False),  # autocast: oneDNN's bf16 path already
+        (cpu, None, True),  # the compiler chooses its own kernels
+        (torch.device("cuda"), None, False),
+    ]:
+        assert not isinstance(kernels.float32_linear(device, dtype, compiled), TorchFunctionMode)
+    monkeypatch.setattr(kernels, "onednn_float32_linear_is_faster", lambda: False)
+    assert not isinstance(kernels.float32_linear(cpu, None, False), TorchFunctionMode)
+
+
+@pytest.mark.parametrize(
+    ("vendor", "cls", "expected"),
+    [
+        ("AuthenticAMD", "avx512_bf16", True),  # MKL runs AVX2 code there
+        ("AuthenticAMD", "avx512", True),
+        ("AuthenticAMD", "avx2", False),  # same instructions in both libraries
+        ("GenuineIntel", "amx", False),  # MKL uses AVX-512 on Intel
+        ("GenuineIntel", "avx512_bf16", False),
+    ],
+)
+def test_onednn_float32_linear_is_chosen_by_vendor_and_class(vendor, cls, expected, monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(kernels, "cpu_class", lambda: cls)
+    kernels.onednn_float32_linear_is_faster.cache_clear()
+    try:
+        available = hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        assert kernels.onednn_float32_linear_is_faster() == (expected and available)
+    finally:
+        kernels.onednn_float32_linear_is_faster.cache_clear()
+
+
+def test_the_mode_routes_float32_linear_only_and_keeps_every_other_op():
+    """Inside the mode nn.Linear (and F.linear with keywords) builds an OneDNNLinear node; bf16
+    inputs, autocast and other functions pass through unchanged."""
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with kernels._LinearOnOneDNN():
+        routed = layer(x)
+        keyword = F.linear(input=x, weight=layer.weight, bias=layer.bias)
+        plain = torch.tanh(x)
+        half = F.linear(x.bfloat16(), layer.weight.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = layer(x)
+    assert type(routed.grad_fn).__name__ == "OneDNNLinearBackward"
+    assert type(keyword.grad_fn).__name__ == "OneDNNLinearBackward"
+    assert type(plain.grad_fn).__name__ == "TanhBackward0"
+    assert half.dtype == torch.bfloat16 and "OneDNN" not in type(half.grad_fn).__name__
+    assert autocast.dtype == torch.bfloat16 and "OneDNN" not in type(autocast.grad_fn).__name__
+    torch.testing.assert_close(routed, F.linear(x, layer.weight, layer.bias))

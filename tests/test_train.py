@@ -428,3 +428,37 @@ def test_short_multi30k_run_lowers_validation_loss(shared_data, tmp_path):
     # 40 updates leave BLEU near 0, where a broken scorer looks the same: what the score means
     # is checked on a memorised set in test_overfits_fifty_multi30k_pairs.
     assert "bleu" in result
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="torch built without oneDNN"
+)
+def test_float32_training_on_onednn_linear_layers_follows_the_mkl_run(
+    copy_task, tmp_path, monkeypatch
+):
+    """The same 10 updates with every linear layer on oneDNN (as on AMD with AVX-512) and on
+    PyTorch's default kernel: both are float32 products, so the runs part only by rounding."""
+    from seq2seq import kernels
+
+    corpus, prepared = copy_task
+    calls = []
+    original_apply = kernels.OneDNNLinear.apply
+    monkeypatch.setattr(
+        kernels.OneDNNLinear, "apply", lambda *a: calls.append(1) or original_apply(*a)
+    )
+    results = {}
+    for onednn in (True, False):
+        monkeypatch.setattr(kernels, "onednn_float32_linear_is_faster", lambda on=onednn: on)
+        config = _config(tmp_path / str(onednn), prepared, corpus, max_steps=10, precision="fp32")
+        config = config_from_dict({**config.to_dict(), "model": dict(TINY_MODEL, dropout=0.0)})
+        results[onednn] = train_module.train(config), _weights(tmp_path / str(onednn), 10)
+        if onednn:
+            assert calls, "no linear layer ran on oneDNN"
+            calls.clear()
+    assert not calls  # the default run never touched it
+    (on, on_weights), (off, off_weights) = results[True], results[False]
+    assert on["train_loss"] == pytest.approx(off["train_loss"], rel=1e-4)
+    assert on["valid_loss"] == pytest.approx(off["valid_loss"], rel=1e-4)
+    # Adam's first updates move each weight by up to lr per step whatever the gradient's size, so
+    # a rounding-level difference in a near-zero gradient may flip a step: 10 steps x lr bound it.
+    _assert_same_weights(on_weights, off_weights, atol=10 * config.train.lr)
