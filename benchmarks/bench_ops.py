@@ -11,7 +11,11 @@ Groups (shapes are those of a transformer_small step on a 4,096-token Multi30k b
     on this CPU class (explicit under native bf16, math under emulated bf16, flash in fp32);
   - ``loss``: ``seq2seq.loss.label_smoothed_nll`` (hand-written backward, one float32 buffer for
     logits, softmax and gradient, no row selection) against the autograd formulation it replaced;
-  - ``adam``: ``torch.optim.AdamW`` per-tensor (the CPU default), ``foreach`` and ``fused``.
+  - ``adam``: ``torch.optim.AdamW`` per-tensor (the CPU default), ``foreach`` and ``fused``;
+  - ``linear``: float32 matrix products on MKL (``F.linear``, PyTorch's default) and on oneDNN
+    (``seq2seq.kernels``), at decoding shapes (column-major weights) and the three products of a
+    training step (forward, input and weight gradients), with the library
+    ``seq2seq.kernels.float32_linear`` picks on this CPU.
 
 Each group measures the library's current choice against the alternatives it was chosen over.
 """
@@ -179,8 +183,35 @@ def bench_adam() -> None:
         print(f"| {name} | {len(params)} | " + " | ".join(cells) + " |")
 
 
+def linear_products(kind: str, rows: int, d_in: int, d_out: int) -> tuple[Callable, Callable]:
+    """One float32 product of a linear layer, (on MKL, on oneDNN)."""
+    x, weight, grad = torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(rows, d_out)
+    if kind == "training input grad":  # (rows, out) @ (out, in)
+        return lambda: grad @ weight, lambda: kernels._onednn_linear(grad, weight.t(), None)
+    if kind == "training weight grad":  # (out, rows) @ (rows, in)
+        return lambda: grad.t() @ x, lambda: kernels._onednn_linear(grad.t(), x.t(), None)
+    if kind.startswith("decoding"):
+        weight = weight.t().contiguous().t()
+    return lambda: F.linear(x, weight), lambda: kernels._onednn_linear(x, weight, None)
+
+
+def bench_linear() -> None:
+    picked = "oneDNN" if kernels.onednn_float32_linear_is_faster() else "MKL"
+    print(f"\n### float32 linear layers (GFLOP/s; this CPU picks {picked})\n")
+    print("| product | rows x (in -> out) | MKL | oneDNN |\n|---|---|---|---|")
+    cases = [("decoding, column-major weight", rows, d_in, d_out) for rows in (8, 40, 320)
+             for d_in, d_out in ((256, 1024), (1024, 256), (256, 8000))]  # fmt: skip
+    for kind in ("forward", "input grad", "weight grad"):
+        cases.append((f"training {kind}", 2048, 256, 1024))
+    for kind, rows, d_in, d_out in cases:
+        flops = 2 * rows * d_in * d_out
+        products = linear_products(kind, rows, d_in, d_out)
+        cells = [f"{flops / timed(run, 20) / 1e6:.0f}" for run in products]
+        print(f"| {kind} | {rows} x ({d_in} -> {d_out}) | " + " | ".join(cells) + " |")
+
+
 GROUPS = {"dropout": bench_dropout, "attention": bench_attention, "loss": bench_loss}
-GROUPS["adam"] = bench_adam
+GROUPS.update(adam=bench_adam, linear=bench_linear)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 - CUDA with bf16 support (Ampere and newer) -> ``bf16``;
 - CUDA without it (V100, T4) -> ``fp16`` with the grad scaler;
 - a CPU whose matmuls run bf16 natively (AVX-512-BF16 or AMX, through oneDNN) -> ``bf16``, except
-  for training a model narrower than ``MIN_BF16_CPU_WIDTH``, which is faster in fp32;
+  for training a model narrower than ``MIN_BF16_CPU_WIDTH`` on AMX, which is faster in fp32;
 - any other CPU -> ``fp32``: without those instructions PyTorch falls back to a reference bf16
   GEMM that measured ~16x slower than fp32 on an AVX2-only AMD EPYC (benchmarks/RESULTS.md).
 
@@ -49,11 +49,15 @@ _ATEN_CAP = {"default": "other", "avx2": "avx2", "avx512": "amx", "zvector": "ot
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# Narrower models than this train faster in fp32 even where bf16 is native: their matmuls are too
-# small for AMX to win back autocast's casts. Measured on an AMX Xeon, 2 threads: d_model 128 (the
-# quick start) made 2,001 fp32 updates against 1,506 bf16 in 5 minutes; d_model 256
-# (transformer_small) trained 1.28x faster in bf16 (benchmarks/RESULTS.md).
+# On AMX, narrower models than this train faster in fp32: their matmuls are too small for AMX to
+# win back autocast's casts. Measured on an AMX Xeon, 2 threads: d_model 128 (the quick start) made
+# 2,001 fp32 updates against 1,506 bf16 in 5 minutes; d_model 256 (transformer_small) trained 1.28x
+# faster in bf16. With AVX-512-BF16 and no AMX (an AMD EPYC, Zen 5 class) bf16 was not slower at
+# d_model 128: the quick start's 300 updates took 38.9-40.8 s against 40.6-41.3 s in fp32, and the
+# Shakespeare GPT trained 1.49x faster (27.6 against 41.0 ms/update) to the same loss
+# (benchmarks/RESULTS.md), so the width rule holds for AMX only.
 MIN_BF16_CPU_WIDTH = 256
+NARROW_FP32_CLASSES = ("amx",)
 
 
 @dataclass(frozen=True)
@@ -173,8 +177,8 @@ def resolve_precision(
 ) -> PrecisionChoice:
     """What ``requested`` (``auto``/``fp32``/``bf16``/``fp16``) means on ``device``.
 
-    ``d_model``, when the caller trains a model of that width, lets ``auto`` keep fp32 on a CPU
-    for models narrower than :data:`MIN_BF16_CPU_WIDTH` (measured faster there).
+    ``d_model``, when the caller trains a model of that width, lets ``auto`` keep fp32 on an AMX
+    CPU for models narrower than :data:`MIN_BF16_CPU_WIDTH` (measured faster there).
 
     An explicit ``bf16`` on a CPU without native bf16 is honoured with a warning that says how much
     slower it will be; ``fp16`` is CUDA-only (it needs loss scaling, which CPU autocast lacks).
@@ -201,7 +205,7 @@ def resolve_precision(
     if requested == "fp16":
         raise ValueError("precision fp16 needs CUDA (loss scaling); use auto, bf16 or fp32 on CPU")
     if requested == "auto":
-        if cls in NATIVE_BF16_CLASSES and d_model is not None and d_model < MIN_BF16_CPU_WIDTH:
+        if cls in NARROW_FP32_CLASSES and d_model is not None and d_model < MIN_BF16_CPU_WIDTH:
             return PrecisionChoice(
                 "fp32",
                 f"CPU with native bf16 ({cls}), but d_model {d_model} < {MIN_BF16_CPU_WIDTH}",
