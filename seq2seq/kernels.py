@@ -1,7 +1,7 @@
 """Measured speed-ups that change no maths, each chosen by the hardware it runs on.
 
 ``model.py`` and ``loss.py`` show the equations; this module holds the faster ways of computing
-three of them, with the measurements behind each choice in ``benchmarks/RESULTS.md``
+some of them, with the measurements behind each choice in ``benchmarks/RESULTS.md``
 (``benchmarks/bench_ops.py`` repeats them on any machine) and parity tests in
 ``tests/test_kernels.py``:
 

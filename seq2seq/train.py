@@ -143,8 +143,8 @@ def train(config: RunConfig) -> dict[str, float]:
         run_lock = rundir.locked(config.train.out_dir) if info.is_main else nullcontext()
         with torch_settings(config.train, info.device), run_lock:
             metrics = _loop(setup(config, info))
-        # Every rank leaves the group together: a rank that shut gloo down while its peer was
-        # still writing the final checkpoint was seen to abort at exit (SIGABRT, 1 run in 6).
+        # Every rank leaves the group together, none while a peer still writes the final
+        # checkpoint (how the other ranks then exit: main()).
         distributed.barrier()
         return metrics
     finally:
