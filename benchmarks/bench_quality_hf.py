@@ -21,6 +21,8 @@ What is the same as our recipe (``recipes/configs/multi30k.yaml`` plus the recip
     bf16 autocast on CPU, validation loss every ``train.eval_every`` updates, a checkpoint every
     ``train.save_every`` keeping ``train.keep_last``, and a wall-clock budget (a
     ``TrainerCallback`` that stops, evaluates and saves once it is spent; ours does the same);
+  - ``train.cooldown``: the callback scales the rate HF's scheduler has just set for the next
+    update by ``seq2seq.optim.cooldown_factor`` of its own clock and update count, as ours does;
   - the last ``--average`` checkpoints are averaged (``from_pretrained`` each, mean of the
     weights), like the recipe's ``seq2seq average --last``;
   - test: the same sentences (the recipe's ``export_split.one_line``), beam 5, fp32, detokenized
@@ -60,6 +62,7 @@ import time
 STARTED = time.monotonic()  # before the heavy imports: our train stage is timed as a process
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -86,6 +89,7 @@ from seq2seq.evaluate import score  # noqa: E402
 from seq2seq.export import to_marian  # noqa: E402
 from seq2seq.hardware import resolve_precision  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
+from seq2seq.optim import apply_cooldown, cooldown_factor  # noqa: E402
 from seq2seq.prepare import prepare  # noqa: E402
 from seq2seq.readers import read_parallel  # noqa: E402
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
@@ -160,13 +164,18 @@ def train_marian(config: RunConfig, minutes: float, checkpoints: Path) -> tuple[
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.monotonic()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if minutes > 0 and time.monotonic() - self.start > minutes * 60:
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            elapsed = time.monotonic() - self.start
+            if minutes > 0 and elapsed > minutes * 60:
                 control.should_training_stop = True
+            if optimizer is not None:  # the scheduler has set the next update's rate: ramp it
+                ramp = cooldown_factor(state.global_step + 1, elapsed, budget)
+                apply_cooldown(optimizer, ramp, tc.min_lr)
             if control.should_training_stop:  # max_steps too: like ours, end on a checkpoint
                 control.should_save = control.should_evaluate = True
             return control
 
+    budget = dataclasses.replace(tc, max_minutes=minutes)  # train.cooldown's ramp, as ours
     if tc.lr_schedule not in HF_SCHEDULES:
         sys.exit(f"bench_quality_hf: train.lr_schedule={tc.lr_schedule} has no HF equivalent")
     prepared = prepare(config)

@@ -190,7 +190,11 @@ class TrainConfig:
     processes: int = 1
     lr_schedule: str = "noam"  # "noam" | "inverse_sqrt" | "cosine" | "constant"
     lr: float = 1.0  # noam: multiplier of d_model^-0.5 * min(...); others: the peak rate
-    min_lr: float = 0.0  # cosine floor
+    min_lr: float = 0.0  # floor of cosine and of the cooldown
+    # The last fraction of the run (of max_steps, or of max_minutes when the budget is time;
+    # whichever ends the run first) over which the rate falls linearly to min_lr, whatever the
+    # schedule; 0 = none. A wall-clock budget never knows its number of updates in advance.
+    cooldown: float = 0.0
     warmup_steps: int = 4000
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
@@ -229,6 +233,12 @@ class TrainConfig:
             "train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "cosine", "constant")
         )
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        if not 0.0 <= self.cooldown <= 1.0:
+            raise ConfigError(f"train.cooldown must be between 0 and 1, got {self.cooldown}")
+        if self.cooldown > 0 and self.max_steps <= 0 and self.max_minutes <= 0:
+            raise ConfigError(
+                "train.cooldown needs the run's length: set train.max_steps or train.max_minutes"
+            )
         check_choice("train.best_metric", self.best_metric, ("valid_loss", "bleu"))
         check_choice("train.resume", self.resume, ("auto", "must", "never"))
         if not self.out_dir.strip():

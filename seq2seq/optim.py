@@ -10,6 +10,11 @@ Schedules (``train.lr_schedule``):
   - ``cosine``: linear warmup to 1, then a half cosine down to ``min_lr / lr`` at ``max_steps``;
   - ``constant``: linear warmup to 1, then 1.
 
+``train.cooldown`` (> 0) multiplies any of them by a ramp that falls linearly to ``min_lr`` over
+the last fraction of the run (updates of ``max_steps``, or seconds of ``max_minutes``), so a run on
+a wall-clock budget ends on a low rate without knowing in advance how many updates it will make
+(the linear decay to zero of "budgeted training", Li et al. 2020).
+
 Weight decay (only when ``train.weight_decay > 0``, which switches Adam to AdamW) applies to every
 parameter with two or more dimensions: linear weights and embeddings (the embedding is also the
 tied output projection, so it is a matrix like the others, as in nanoGPT). Biases and LayerNorm
@@ -105,6 +110,36 @@ def schedule_function(train: TrainConfig, d_model: int, max_steps: int) -> Calla
     if train.lr_schedule == "constant":
         return partial(constant, warmup=train.warmup_steps)
     raise ConfigError(f"train.lr_schedule: unknown schedule {train.lr_schedule!r}")
+
+
+def cooldown_factor(update: int, elapsed_seconds: float, train: TrainConfig) -> float:
+    """The ramp for update ``update`` (1-based) that starts ``elapsed_seconds`` into the run.
+
+    The run's progress is the larger of ``(update - 1) / max_steps`` and ``elapsed / max_minutes``
+    (whichever limit ends it first); the ramp is 1 until ``1 - cooldown`` of the run has gone,
+    then falls linearly to 0 at its end.
+    """
+    if train.cooldown <= 0:
+        return 1.0
+    done = 0.0
+    if train.max_steps > 0:
+        done = (update - 1) / train.max_steps
+    if train.max_minutes > 0:
+        done = max(done, elapsed_seconds / (train.max_minutes * 60.0))
+    return min(1.0, max(0.0, (1.0 - done) / train.cooldown))
+
+
+def apply_cooldown(optimizer: torch.optim.Optimizer, ramp: float, min_lr: float) -> None:
+    """Scale the rates the scheduler has just set by ``ramp``, never below ``min_lr``.
+
+    ``LambdaLR`` sets each rate afresh from its base on every step, so the ramp does not compound;
+    the optimizer's state_dict holds the ramped rate, so a resume continues with it.
+    """
+    if ramp >= 1.0:
+        return
+    for group in optimizer.param_groups:
+        if group["lr"] > min_lr:
+            group["lr"] = max(min_lr, group["lr"] * ramp)
 
 
 def build_scheduler(

@@ -72,6 +72,7 @@ from seq2seq.data import (
 )
 from seq2seq.kernels import float32_linear
 from seq2seq.loss import label_smoothed_nll
+from seq2seq.optim import apply_cooldown, cooldown_factor
 from seq2seq.stopping import STOP_REQUESTED, finished, stop_requests, update_best
 from seq2seq.tokenizer import TokenizerError
 from seq2seq.trainlog import TrainLog
@@ -259,14 +260,16 @@ def _loop(run: Run) -> dict[str, float]:
     metrics: dict[str, float] = {}
     stop = finished(progress, tc)  # why training stops; None goes on (a resume may be done)
 
-    def stop_votes() -> list[float]:
-        time_up = tc.max_minutes > 0 and time.monotonic() - start > tc.max_minutes * 60
-        return [float(stop_signal.is_set()), float(time_up)]
+    def votes() -> list[float]:
+        # The seconds trained travel too: every rank ramps its rate down from the same mean.
+        elapsed = time.monotonic() - start
+        time_up = tc.max_minutes > 0 and elapsed > tc.max_minutes * 60
+        return [float(stop_signal.is_set()), float(time_up), elapsed]
 
     with stop_requests() as stop_signal, closing(log):
         while stop is None:
             progress.epoch, progress.position, progress.epoch_done, batches = next(updates)
-            result = train_step(run, batches, stop_votes)
+            result = train_step(run, batches, votes)
             if result.outcome is not Outcome.UPDATED:
                 stop = _skipped(run, faults, result)
                 continue
@@ -276,7 +279,12 @@ def _loop(run: Run) -> dict[str, float]:
             if log.due(progress.step):
                 elapsed = time.monotonic() - start
                 log.train_line(progress.step, progress.epoch, result.lr, result.grad_norm, elapsed)
-            stop = finished(progress, tc, *result.votes)
+            signal_votes, time_votes, elapsed_sum = result.votes
+            stop = finished(progress, tc, signal_votes, time_votes)
+            if tc.cooldown:  # the rate of the next update
+                elapsed = elapsed_sum / run.info.world_size
+                ramp = cooldown_factor(progress.step + 1, elapsed, tc)
+                apply_cooldown(run.optimizer, ramp, tc.min_lr)
             with log.paused():  # evaluation and saving do not count towards tokens/s
                 improved = False
                 evaluate_now = _due(progress, tc.eval_every, progress.epoch_done)

@@ -8,9 +8,11 @@ from torch import nn
 
 from seq2seq.config import ConfigError, TrainConfig
 from seq2seq.optim import (
+    apply_cooldown,
     build_optimizer,
     build_scheduler,
     constant,
+    cooldown_factor,
     cosine,
     inverse_sqrt,
     noam,
@@ -74,6 +76,54 @@ def test_scheduler_rate_per_update_and_resume():
     fresh_optimizer.step()
     fresh.step()
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * noam(17, 64, 10))
+
+
+def test_cooldown_ramp_follows_whichever_limit_ends_the_run_first():
+    steps = TrainConfig(max_steps=100, max_minutes=0, cooldown=0.2)
+    assert [cooldown_factor(u, 0.0, steps) for u in (1, 81, 91, 100)] == pytest.approx(
+        [1.0, 1.0, 0.5, 0.05]
+    )
+    minutes = TrainConfig(max_steps=0, max_minutes=10, cooldown=0.5)
+    assert cooldown_factor(10**6, 0.0, minutes) == 1.0  # no step limit: only the clock counts
+    assert [cooldown_factor(1, s, minutes) for s in (0, 300, 450, 600, 700)] == pytest.approx(
+        [1.0, 1.0, 0.5, 0.0, 0.0]
+    )
+    both = TrainConfig(max_steps=100, max_minutes=10, cooldown=0.5)
+    assert cooldown_factor(91, 60.0, both) == pytest.approx(0.2)  # 90% of the updates done
+    assert cooldown_factor(11, 540.0, both) == pytest.approx(0.2)  # 90% of the minutes gone
+    assert cooldown_factor(100, 600.0, TrainConfig(max_steps=100, cooldown=0.0)) == 1.0
+
+
+def test_cooldown_scales_the_scheduled_rate_down_to_min_lr_and_survives_a_resume():
+    train = TrainConfig(lr=1.0, warmup_steps=0, lr_schedule="constant", min_lr=0.1)
+    model = _model()
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, d_model=8, max_steps=0)
+    optimizer.step()
+    scheduler.step()
+    apply_cooldown(optimizer, 0.5, train.min_lr)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+    scheduler.step()  # the scheduler sets the rate afresh: the ramp does not compound
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    apply_cooldown(optimizer, 0.01, train.min_lr)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the floor
+    fresh_optimizer = build_optimizer(model, train)
+    fresh = build_scheduler(fresh_optimizer, train, d_model=8, max_steps=0)
+    fresh_optimizer.load_state_dict(optimizer.state_dict())
+    fresh.load_state_dict(scheduler.state_dict())
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(cooldown=1.5, max_steps=10), "between 0 and 1"),
+        (dict(cooldown=0.2, max_steps=0, max_minutes=0), "max_steps or train.max_minutes"),
+    ],
+)
+def test_cooldown_settings_are_checked(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**settings).validate()
 
 
 def test_cosine_needs_max_steps():

@@ -12,8 +12,10 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import toy_run_config, write_toy_task
+from safetensors.torch import load_file
 
 from seq2seq import train as train_module
 from seq2seq.checkpoint import load_trainer_state, step_dirs
@@ -218,6 +220,69 @@ def test_max_minutes_is_the_runs_budget_across_resumes(task, tmp_path, monkeypat
     saved = load_trainer_state(tmp_path / "run" / "checkpoints" / "step_3")["counters"]
     assert saved["elapsed_seconds"] == 30.0
     assert _train(task, tmp_path / "run", max_steps=100, max_minutes=1)["step"] == 7
+
+
+def _recording_rates(monkeypatch, clock: list[float] | None = None) -> list[float]:
+    """Record each update's rate; with ``clock``, every update also takes 10 fake seconds."""
+    rates, real_step = [], train_module.train_step
+
+    def step(run, batches, votes=None):
+        if clock is not None:
+            clock[0] += 10.0
+        result = real_step(run, batches, votes)
+        rates.append(result.lr)
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    if clock is not None:
+        fake_time = types.SimpleNamespace(monotonic=lambda: clock[0])
+        monkeypatch.setattr(train_module, "time", fake_time)
+    return rates
+
+
+def test_cooldown_over_a_time_budget_ramps_the_rate_down_from_the_seconds_trained(
+    task, tmp_path, monkeypatch
+):
+    rates = _recording_rates(monkeypatch, clock=[1000.0])
+    lr = 3e-3
+    settings = dict(lr_schedule="constant", lr=lr, warmup_steps=0, max_steps=0)
+    # 120 s, the last quarter cooling down: update u starts 10 (u - 1) s into the run, so updates
+    # 1-10 run at the full rate, 11-13 (starting at 100, 110, 120 s) at 2/3, 1/3 and 0 of it,
+    # and the vote after update 13 (130 s) stops the run.
+    result = _train(task, tmp_path / "run", max_minutes=2, cooldown=0.25, **settings)
+    assert result["step"] == 13
+    assert rates == pytest.approx([lr] * 10 + [lr * 2 / 3, lr / 3, 0.0], rel=1e-12, abs=0)
+
+
+def test_cooldown_over_max_steps_resumes_exactly(task, tmp_path, monkeypatch):
+    lr = 3e-3
+    settings = dict(lr_schedule="constant", lr=lr, warmup_steps=0, max_steps=10, cooldown=0.5)
+    rates = _recording_rates(monkeypatch)
+    assert _train(task, tmp_path / "straight", **settings)["step"] == 10
+    ramp = [1.0] * 6 + [0.8, 0.6, 0.4, 0.2]  # (1 - (u - 1) / 10) / 0.5, at most 1
+    assert rates == pytest.approx([lr * r for r in ramp], rel=1e-12, abs=0)
+
+    rates.clear()
+    real_forward, calls = train_module._forward, []
+
+    def terminated_in_update_7(net, batch):
+        if net.training:
+            calls.append(1)
+            if len(calls) == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(train_module, "_forward", terminated_in_update_7)
+    assert _train(task, tmp_path / "run", **settings)["step"] == 7
+    monkeypatch.setattr(train_module, "_forward", real_forward)
+    assert _train(task, tmp_path / "run", **settings)["step"] == 10
+    assert rates == pytest.approx([lr * r for r in ramp], rel=1e-12, abs=0)
+    straight, resumed = (
+        load_file(str(tmp_path / run / "checkpoints" / "step_10" / "model.safetensors"))
+        for run in ("straight", "run")
+    )
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
 def test_a_full_disk_during_a_save_is_one_line_naming_the_path(task, tmp_path, capsys, monkeypatch):
