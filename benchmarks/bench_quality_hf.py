@@ -171,6 +171,12 @@ def train_marian(config: RunConfig, minutes: float, checkpoints: Path) -> tuple[
             if optimizer is not None:  # the scheduler has set the next update's rate: ramp it
                 ramp = cooldown_factor(state.global_step + 1, elapsed, budget)
                 apply_cooldown(optimizer, ramp, tc.min_lr)
+                # HF logs its scheduler's rate, which knows nothing of the ramp.
+                if ramp < 1.0 and state.global_step % max(args.logging_steps, 1) == 0:
+                    rate = optimizer.param_groups[0]["lr"]
+                    print(
+                        f"hf: cooldown x{ramp:.3f}: update {state.global_step + 1} at lr {rate:.4g}"
+                    )
             if control.should_training_stop:  # max_steps too: like ours, end on a checkpoint
                 control.should_save = control.should_evaluate = True
             return control
@@ -453,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", default="de")
     parser.add_argument("--tgt", default="en")
     parser.add_argument("--minutes", type=float, default=25.0, help="training budget")
-    parser.add_argument("--average", type=int, default=3, help="last checkpoints to average")
+    parser.add_argument("--average", type=int, default=10, help="last checkpoints to average")
     parser.add_argument("--test-lines", type=int, default=0, help="first N test sentences, 0 all")
     parser.add_argument("--out", help="run directory [benchmarks/.cache/quality/hf_SRC-TGT]")
     parser.add_argument("--length-penalty", type=float, help="HF length_penalty [matched, above]")
