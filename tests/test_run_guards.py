@@ -178,6 +178,22 @@ def test_an_out_dir_that_is_a_file_is_refused(task, tmp_path, capsys):
 # ----------------------------------------------------------------------------- interruptions
 
 
+def _sigterm_in_update(monkeypatch, update: int):
+    """Send this process SIGTERM during the forward of training update ``update`` (one batch per
+    update); return the real forward, to put back."""
+    real_forward, calls = train_module._forward, []
+
+    def terminated(net, batch):
+        if net.training:
+            calls.append(1)
+            if len(calls) == update:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(train_module, "_forward", terminated)
+    return real_forward
+
+
 def test_sigterm_then_resume_stops_at_the_update_of_an_uninterrupted_run(
     task, tmp_path, monkeypatch
 ):
@@ -187,16 +203,7 @@ def test_sigterm_then_resume_stops_at_the_update_of_an_uninterrupted_run(
     )
     assert _train(task, tmp_path / "straight", **settings)["step"] == 9
 
-    real_forward, calls = train_module._forward, []
-
-    def terminated_in_update_4(net, batch):
-        if net.training:
-            calls.append(1)
-            if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_forward(net, batch)
-
-    monkeypatch.setattr(train_module, "_forward", terminated_in_update_4)
+    real_forward = _sigterm_in_update(monkeypatch, 4)
     assert _train(task, tmp_path / "run", **settings)["step"] == 4
     saved = load_trainer_state(tmp_path / "run" / "checkpoints" / "step_4")["counters"]
     assert saved["bad_evals"] == 0  # no extra evaluation was counted
@@ -263,16 +270,7 @@ def test_cooldown_over_max_steps_resumes_exactly(task, tmp_path, monkeypatch):
     assert rates == pytest.approx([lr * r for r in ramp], rel=1e-12, abs=0)
 
     rates.clear()
-    real_forward, calls = train_module._forward, []
-
-    def terminated_in_update_7(net, batch):
-        if net.training:
-            calls.append(1)
-            if len(calls) == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_forward(net, batch)
-
-    monkeypatch.setattr(train_module, "_forward", terminated_in_update_7)
+    real_forward = _sigterm_in_update(monkeypatch, 7)
     assert _train(task, tmp_path / "run", **settings)["step"] == 7
     monkeypatch.setattr(train_module, "_forward", real_forward)
     assert _train(task, tmp_path / "run", **settings)["step"] == 10
