@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", default="de")
     parser.add_argument("--tgt", default="en")
     parser.add_argument("--minutes", type=float, default=25.0, help="training budget")
-    parser.add_argument("--average", type=int, default=10, help="last checkpoints to average")
+    parser.add_argument("--average", type=int, default=3, help="last checkpoints to average")
     parser.add_argument("--test-lines", type=int, default=0, help="first N test sentences, 0 all")
     parser.add_argument("--out", help="run directory [benchmarks/.cache/quality/hf_SRC-TGT]")
     parser.add_argument("--length-penalty", type=float, help="HF length_penalty [matched, above]")
