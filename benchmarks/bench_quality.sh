@@ -15,7 +15,8 @@
 # IMPL=hf runs benchmarks/bench_quality_hf.py: the same network as a MarianMTModel trained by
 # Seq2SeqTrainer on the same prepared data and scored the same way (its docstring lists what is
 # matched and what HF cannot match). Both share the prepared data in
-# benchmarks/.cache/quality/data_$SRC-$TGT. The figures come from bench_quality_hf.py --report, which reads either kind of run directory.
+# benchmarks/.cache/quality/data_$SRC-$TGT (one such folder per set of data.* OVERRIDES). The
+# figures come from bench_quality_hf.py --report, which reads either kind of run directory.
 #
 # Variables [defaults]:
 #   SEQ2SEQ_DATA shared data folder holding multi30k/ [required, unless DATA is set]
@@ -53,6 +54,12 @@ read -r -a GRID <<< "$LENPEN_GRID"
 CONFIG="${CONFIG:-$ROOT/recipes/configs/multi30k.yaml}"
 OUT="$(realpath -m "${OUT:-$HERE/.cache/quality/${IMPL}_$SRC-$TGT}")"
 PREPARED="$HERE/.cache/quality/data_$SRC-$TGT"
+read -r -a EXTRA <<< "${OVERRIDES:-}"
+for SETTING in "${EXTRA[@]}"; do  # data.* overrides change the prepared data: keep it apart
+    if [[ "$SETTING" == data.* ]]; then
+        PREPARED+="_${SETTING//[^A-Za-z0-9.=_-]/_}"
+    fi
+done
 JSON_ARGS=()
 if [[ -n "${JSON:-}" ]]; then JSON_ARGS=(--json "$JSON"); fi
 export HF_HUB_OFFLINE=1
@@ -94,7 +101,6 @@ echo "bench_quality: $IMPL, $SRC -> $TGT, budget $MAX_MINUTES min, run directory
 "$PY" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
     impl "$IMPL" src "$SRC" tgt "$TGT" max_minutes "$MAX_MINUTES" average "$AVERAGE" \
     test_lines "$TEST_LINES" config "$CONFIG" > "$OUT/bench/run.json"  # marks $OUT as made here
-read -r -a EXTRA <<< "${OVERRIDES:-}"
 DATA_SETTINGS=(data.format=text data.path="$DATA" data.src_lang="$SRC" data.tgt_lang="$TGT"
     prepare.out_dir="$PREPARED")
 # Tokenizer and binarized corpus, shared by both implementations and outside the timed run.

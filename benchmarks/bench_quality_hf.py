@@ -30,6 +30,9 @@ What is the same as our recipe (``recipes/configs/multi30k.yaml`` plus the recip
     lower-cased), written as ``scores.json`` / ``scores.lc.json`` like the recipe's.
 
 What HF cannot express, and what is used instead:
+  - ``data.subword_alpha`` (sampled segmentations, one per epoch): the dataset switches sample at
+    each epoch's start (a callback), but the length-grouped sampler keeps the first sample's
+    lengths and the batch size is computed on it;
   - batching by a token budget: a fixed ``per_device_train_batch_size`` equal to the mean number
     of sentences in our 4,096-token batches of the same corpus (computed, and printed, at start:
     227 for Multi30k de-en, about 3,500 target tokens per update on average as ours), with
@@ -107,17 +110,23 @@ HF_SCHEDULES = {"inverse_sqrt": "inverse_sqrt", "constant": "constant_with_warmu
 
 
 class PairDataset(Dataset):
-    """A prepared split as HF-style examples: ``input_ids`` (pieces + EOS), ``labels`` (same)."""
+    """A prepared split as HF-style examples: ``input_ids`` (pieces + EOS), ``labels`` (same).
 
-    def __init__(self, corpus: TokenizedCorpus) -> None:
-        self.corpus = corpus
+    Given several corpora (the sampled segmentations of ``data.subword_alpha``), epoch ``epoch``
+    (from 0, set by the trainer's callback) reads ``corpora[epoch % len(corpora)]``, as ours does.
+    """
+
+    def __init__(self, *corpora: TokenizedCorpus) -> None:
+        self.corpora, self.epoch = corpora, 0
 
     def __len__(self) -> int:
-        return len(self.corpus)
+        return len(self.corpora[0])
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        source = self.corpus.source(i).tolist() + [EOS_ID]
-        return {"input_ids": source, "labels": self.corpus.target(i).tolist() + [EOS_ID]}
+        corpus = self.corpora[self.epoch % len(self.corpora)]
+        i %= len(corpus)  # a sample may have lost a different over-long example to filtering
+        source = corpus.source(i).tolist() + [EOS_ID]
+        return {"input_ids": source, "labels": corpus.target(i).tolist() + [EOS_ID]}
 
 
 def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -186,9 +195,19 @@ def train_marian(config: RunConfig, minutes: float, checkpoints: Path) -> tuple[
         sys.exit(f"bench_quality_hf: train.lr_schedule={tc.lr_schedule} has no HF equivalent")
     prepared = prepare(config)
     tokenizer = Tokenizer.load(prepared / "tokenizer")
-    train_corpus = TokenizedCorpus(prepared, config.data.train_split)
+    samples = [TokenizedCorpus(prepared, s) for s in config.data.sampled_splits()]
+    train = (
+        PairDataset(*samples)
+        if samples
+        else PairDataset(TokenizedCorpus(prepared, config.data.train_split))
+    )
     valid = PairDataset(TokenizedCorpus(prepared, config.data.valid_split))
-    batch_size = sentences_per_batch(train_corpus, config)
+    batch_size = sentences_per_batch(train.corpora[0], config)
+
+    class SampledEpochs(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            train.epoch = round(state.epoch or 0)
+
     torch.manual_seed(config.train.seed)  # the same initial weights as our run
     model = to_marian(
         build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), tokenizer
@@ -236,10 +255,10 @@ def train_marian(config: RunConfig, minutes: float, checkpoints: Path) -> tuple[
     trainer = Seq2SeqTrainer(
         model=model,
         args=args,
-        train_dataset=PairDataset(train_corpus),
+        train_dataset=train,
         eval_dataset=valid,
         data_collator=collate,
-        callbacks=[WallClockBudget()],
+        callbacks=[WallClockBudget(), SampledEpochs()],
     )
     result = trainer.train()
     evals = [log for log in trainer.state.log_history if "eval_loss" in log]

@@ -8,6 +8,10 @@ when any of it changes, never for another section (``prepare``, ``batch``, ...).
 Every split is filtered the same way: an example with an empty side is dropped, and one whose
 source (with EOS) or target (with BOS) is longer than ``max_source_len``/``max_target_len`` is
 dropped, or cut to fit with ``data.truncate``; both are counted and reported.
+
+With ``data.subword_alpha`` > 0 the training split is also written ``subword_samples`` more times
+as ``{train_split}.sample{k}``, each with segmentations drawn by SentencePiece's sampling (seeded:
+preparing again gives the same files); training reads one of them per epoch.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def prepare(config: RunConfig, splits: Sequence[str] | None = None, force: bool 
         manifest = None
     if data.format == "lm" or not splits:
         splits = (data.train_split, data.valid_split)
+    if data.train_split in splits:
+        splits = [*splits, *data.sampled_splits()]
     splits = list(dict.fromkeys(splits))
     missing = splits
     if manifest is not None:
@@ -105,6 +111,8 @@ def data_fingerprint(data: DataConfig) -> dict[str, Any]:
     A prepared directory whose manifest records another fingerprint is prepared again.
     """
     settings = dataclasses.asdict(data)
+    if data.subword_alpha == 0:  # as before the option existed: those directories stay valid
+        del settings["subword_alpha"], settings["subword_samples"]
     local = Path(data.path).expanduser()
     settings["path"] = str(local.resolve()) if local.exists() else data.path
     return {"version": _PREPARE_VERSION, **settings}
@@ -150,12 +158,17 @@ def _binarize(
     tokenizer: Tokenizer | None,
     workers: int,
 ) -> dict[str, Any]:
-    chunks = _chunks(read_parallel(data, split), _CHUNK_EXAMPLES)
+    sampled = data.sampled_splits()
+    sample = sampled.index(split) + 1 if split in sampled else 0  # 0: the one segmentation
+    text_split = data.train_split if sample else split
+    chunks = _chunks(read_parallel(data, text_split), _CHUNK_EXAMPLES)
+    alpha = data.subword_alpha if sample else 0.0
     parts: dict[str, tuple[list, list]] = {"src": ([], []), "tgt": ([], [])}  # ids, lengths
     n_empty = n_long = seen = 0
     limits = (data.max_source_len - 1, data.max_target_len - 1)  # room for EOS / BOS
     with tqdm(desc=f"encode {split}", unit=" ex", file=sys.stderr, disable=None) as progress:
-        for encoded in _encode(chunks, tokenizer, out / TOKENIZER_DIR, workers, split):
+        encoding = _encode(chunks, tokenizer, out / TOKENIZER_DIR, workers, split, alpha, sample)
+        for encoded in encoding:
             (_, src_len), (_, tgt_len) = encoded
             empty = (src_len == 0) | (tgt_len == 0)
             too_long = ((src_len > limits[0]) | (tgt_len > limits[1])) & ~empty
@@ -240,25 +253,29 @@ def _encode(
     tokenizer_dir: Path,
     workers: int,
     what: str,
+    alpha: float = 0.0,
+    sample: int = 0,
 ) -> Iterator[Encoded]:
     """Encode chunks in order, in ``workers`` processes, keeping few chunks in flight.
 
     With one worker or fewer this process encodes with ``tokenizer``; worker processes each
-    load it from ``tokenizer_dir`` once.
+    load it from ``tokenizer_dir`` once. ``alpha`` > 0 samples the segmentations, seeded by
+    (``sample``, chunk number), so that the output does not depend on the number of workers.
 
     Raises:
         DataError: a worker process died (the pool cannot finish the split).
     """
     if workers <= 1:
         assert tokenizer is not None, "the single-process path encodes with the caller's tokenizer"
-        for chunk in chunks:
-            yield _encode_pairs(chunk, tokenizer)
+        for number, chunk in enumerate(chunks):
+            yield _encode_pairs(chunk, tokenizer, alpha, _chunk_seed(sample, number))
         return
     pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),))
     try:
         pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_encode_pairs, chunk))
+        for number, chunk in enumerate(chunks):
+            seed = _chunk_seed(sample, number)
+            pending.append(pool.submit(_encode_pairs, chunk, None, alpha, seed))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -277,13 +294,27 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_dir)
 
 
-def _encode_pairs(chunk: list[tuple[str, str]], tokenizer: Tokenizer | None = None) -> Encoded:
-    """Flat int32 ids and per-example piece counts for each side."""
+def _chunk_seed(sample: int, number: int) -> int:
+    """SentencePiece's seed for a chunk's source side (its target side: the next one)."""
+    return (sample * 1_000_003 + 2 * number) % (1 << 32)
+
+
+def _encode_pairs(
+    chunk: list[tuple[str, str]],
+    tokenizer: Tokenizer | None = None,
+    alpha: float = 0.0,
+    seed: int = 0,
+) -> Encoded:
+    """Flat int32 ids and per-example piece counts for each side (sampled when ``alpha``)."""
     tokenizer = tokenizer or _worker_tokenizer  # the worker's, loaded by _init_worker
-    sides = (
-        tokenizer.encode_source_batch([s for s, _ in chunk]),
-        tokenizer.encode_target_batch([t for _, t in chunk]),
-    )
+    sources, targets = [s for s, _ in chunk], [t for _, t in chunk]
+    if alpha > 0:
+        sides = (
+            tokenizer.sample_batch("source", sources, alpha, seed),
+            tokenizer.sample_batch("target", targets, alpha, seed + 1),
+        )
+    else:
+        sides = (tokenizer.encode_source_batch(sources), tokenizer.encode_target_batch(targets))
     out = []
     for seqs in sides:
         lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))

@@ -101,6 +101,15 @@ class SentencePieceModel:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.processor.encode(texts)
 
+    def sample(self, texts: list[str], alpha: float, seed: int) -> list[list[int]]:
+        """One segmentation of each text drawn at ``alpha`` (BPE-dropout for BPE models), the
+        same for the same ``seed``: one encoding thread, because SentencePiece seeds each of its
+        threads' generators alike and hands them texts in no fixed order."""
+        spm.set_random_generator_seed(seed)
+        return self.processor.encode(
+            texts, enable_sampling=True, alpha=alpha, nbest_size=-1, num_threads=1
+        )
+
     def decode(self, ids: Iterable[int]) -> str:
         size = self.vocab_size
         # A model may pad its vocabulary past ours; an id we never issued decodes as unknown.
@@ -185,6 +194,18 @@ class Tokenizer:
 
     def encode_target_batch(self, texts: list[str]) -> list[list[int]]:
         return self.target.encode(list(texts))
+
+    def sample_batch(self, side: str, texts: list[str], alpha: float, seed: int) -> list[list[int]]:
+        """Sampled segmentations of ``texts`` on ``side`` ("source" or "target"), for subword
+        regularization; reproducible by ``seed``.
+
+        Raises:
+            TokenizerError: this kind of tokenizer has one segmentation only.
+        """
+        model = self.source if side == "source" else self.target
+        if not isinstance(model, SentencePieceModel):
+            raise TokenizerError(f"a {self.kind} tokenizer cannot sample segmentations")
+        return model.sample(list(texts), alpha, seed)
 
     def decode_source(self, ids: Iterable[int]) -> str:
         return self.source.decode(_as_ints(ids))

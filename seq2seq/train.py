@@ -377,9 +377,16 @@ def _save(run: Run, improved: bool) -> None:
 
 
 def _seq2seq_updates(
-    corpus: TokenizedCorpus, config: RunConfig, info: distributed.DistInfo, epoch: int, done: int
+    corpora: Sequence[TokenizedCorpus],
+    config: RunConfig,
+    info: distributed.DistInfo,
+    epoch: int,
+    done: int,
 ) -> Iterator[tuple[int, int, bool, list[Batch]]]:
     """Yield ``(epoch, batches used in epoch, epoch finished, this rank's micro-batches)`` forever.
+
+    Epoch ``e`` reads ``corpora[(e - 1) % len(corpora)]``: the one prepared training split, or
+    its sampled segmentations in turn (``data.subword_alpha``).
 
     Starts after the first ``done`` batches of ``epoch`` (resume; counted in batches so that a run
     resumed with another world size or update_freq skips no more than a partial update). The batch
@@ -388,6 +395,7 @@ def _seq2seq_updates(
     """
     group = info.world_size * config.train.update_freq
     while True:
+        corpus = corpora[(epoch - 1) % len(corpora)]
         batches = batch_indices(corpus, config.batch.max_tokens, config.train.seed, epoch)
         n_updates = len(batches) // group
         if n_updates == 0:
@@ -419,9 +427,8 @@ def _updates(run: Run) -> Iterator[tuple[int, int, bool, list[Batch]]]:
     if isinstance(run.train_corpus, LMCorpus):
         return _lm_updates(run.train_corpus, run.config, run.generator)
     progress = run.progress
-    return _seq2seq_updates(
-        run.train_corpus, run.config, run.info, progress.epoch, progress.position
-    )
+    corpora = run.train_samples or [run.train_corpus]
+    return _seq2seq_updates(corpora, run.config, run.info, progress.epoch, progress.position)
 
 
 def _trainer_state(run: Run) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     tokenizer: Tokenizer | None = None
     train_corpus: Corpus | None = None
+    # data.subword_alpha > 0: the training split's sampled segmentations, one per epoch in turn
+    train_samples: list[TokenizedCorpus] = field(default_factory=list)
     valid_corpus: Corpus | None = None
 
     @property
@@ -138,6 +140,7 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     run.tokenizer = tokenizer
     corpus = LMCorpus if config.model.arch in ("gpt", "bigram") else TokenizedCorpus
     run.train_corpus = corpus(prepared, config.data.train_split)
+    run.train_samples = [TokenizedCorpus(prepared, s) for s in config.data.sampled_splits()]
     run.valid_corpus = corpus(prepared, config.data.valid_split)
     return run
 

@@ -48,11 +48,27 @@ def test_yaml_preset_and_overrides(tmp_path):
         ("train.precision=fp8", "train.precision"),
         ("nonsense", "not of the form"),
         ("optimizer.lr=1", "optimizer: unknown key"),
+        ("data.subword_alpha=1.0", "data.subword_alpha must lie in"),
+        ("data.subword_alpha=-0.1", "data.subword_alpha must lie in"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.tokenizer=char"], "needs a SentencePiece tokenizer.*tokenizer=char"),
+        (["data.format=lm", "model.preset=gpt_shakespeare"], "needs a SentencePiece.*format=lm"),
+        (["data.subword_samples=0"], "data.subword_samples must be >= 1"),
+    ],
+)
+def test_subword_sampling_needs_sentencepiece_parallel_data_and_samples(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.subword_alpha=0.1", *overrides])
+    load_config(None, overrides)  # the same settings are fine without sampling
 
 
 def test_unknown_yaml_key_names_its_path(tmp_path):

@@ -14,11 +14,12 @@ import os
 import signal
 import subprocess
 
+import numpy as np
 import pytest
 
 from seq2seq.config import ConfigError, config_from_dict
 from seq2seq.data import DataError, TokenizedCorpus
-from seq2seq.prepare import main, prepare
+from seq2seq.prepare import data_fingerprint, main, prepare
 from seq2seq.readers import read_lm_text, read_parallel
 from seq2seq.tokenizer import Tokenizer
 
@@ -279,7 +280,7 @@ def test_single_process_encoding_never_reloads_the_tokenizer(tmp_path, monkeypat
     assert loads == [out / "tokenizer"]  # a new split: loaded once from disk
 
 
-def _killed_worker(chunk, tokenizer=None):  # runs in a worker process, as the OOM killer acts
+def _killed_worker(chunk, tokenizer=None, alpha=0.0, seed=0):  # in a worker, as the OOM killer
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -372,3 +373,56 @@ def test_manifest_records_size_and_sha256_of_every_file(tmp_path, toy):
         for name, entry in files.items():
             payload = (out / name).read_bytes()
             assert entry == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+# ---------------------------------------------------------------------- subword regularization
+
+
+def test_subword_sampling_writes_seeded_segmentations_of_the_same_text(tmp_path, capsys, toy):
+    pairs = toy.pairs(300)
+    toy.write(tmp_path / "corpus", "train", pairs)
+    toy.write(tmp_path / "corpus", "val", toy.pairs(20, seed=1))
+    sampling = dict(subword_alpha=0.1, subword_samples=3)
+    out = prepare(toy.config(tmp_path, prepare={"num_workers": 1}, **sampling))
+    tokenizer = Tokenizer.load(out / "tokenizer")
+    plain = TokenizedCorpus(out, "train")
+    samples = [TokenizedCorpus(out, f"train.sample{k}") for k in (1, 2, 3)]
+    for corpus in samples:
+        assert len(corpus) == len(plain) == len(pairs)
+        for i in range(0, len(pairs), 7):  # another segmentation of the same text
+            assert tokenizer.decode_source(corpus.source(i)) == pairs[i][0]
+            assert tokenizer.decode_target(corpus.target(i)) == pairs[i][1]
+        for lengths, base in (
+            (corpus.src_lengths, plain.src_lengths),
+            (corpus.tgt_lengths, plain.tgt_lengths),
+        ):
+            assert (lengths >= base).all() and lengths.sum() > base.sum()  # merges skipped
+    differing = [
+        not np.array_equal(samples[0].target(i), samples[1].target(i)) for i in range(len(pairs))
+    ]
+    assert 0 < sum(differing) < len(pairs)
+    assert TokenizedCorpus(out, "val").src_lengths.sum() < samples[0].src_lengths.sum()
+    # Seeded per chunk: two worker processes write the same files as one.
+    other = toy.config(
+        tmp_path, prepare={"out_dir": str(tmp_path / "other"), "num_workers": 2}, **sampling
+    )
+    prepare(other)
+    files = [
+        json.loads((d / "manifest.json").read_text())["splits"] for d in (out, other.prepared_dir())
+    ]
+    assert files[0]["train.sample2"]["files"] == files[1]["train.sample2"]["files"]
+    capsys.readouterr()
+    prepare(toy.config(tmp_path, prepare={"num_workers": 1}, subword_alpha=0.1, subword_samples=4))
+    assert "data settings changed (subword_samples)" in capsys.readouterr().out
+    assert len(TokenizedCorpus(out, "train.sample4")) == len(pairs)
+
+
+def test_without_sampling_the_fingerprint_is_as_before_the_option(tmp_path, toy):
+    """A directory prepared before subword sampling existed is not prepared again."""
+    data = toy.config(tmp_path).data
+    assert "subword_alpha" not in data_fingerprint(data)
+    assert data_fingerprint(data) == data_fingerprint(toy.config(tmp_path, subword_samples=2).data)
+    assert data.sampled_splits() == []
+    sampled = toy.config(tmp_path, subword_alpha=0.1).data
+    assert data_fingerprint(sampled)["subword_alpha"] == 0.1
+    assert sampled.sampled_splits() == [f"train.sample{k}" for k in range(1, 9)]

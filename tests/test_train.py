@@ -462,3 +462,54 @@ def test_float32_training_on_onednn_linear_layers_follows_the_mkl_run(
     # Adam's first updates move each weight by up to lr per step whatever the gradient's size, so
     # a rounding-level difference in a near-zero gradient may flip a step: 10 steps x lr bound it.
     _assert_same_weights(on_weights, off_weights, atol=10 * config.train.lr)
+
+
+@pytest.fixture(scope="module")
+def sampled_task(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(corpus, prepared, data section) of the copy task in BPE with 3 sampled segmentations."""
+    root = tmp_path_factory.mktemp("sampled_task")
+    write_toy_task(root / "corpus", n_train=160, n_valid=24)
+    data = dict(tokenizer="bpe", vocab_size=40, subword_alpha=0.2, subword_samples=3)
+    raw = toy_run_config(root / "unused", root / "prepared", root / "corpus")
+    prepare(config_from_dict({**raw, "data": {**raw["data"], **data}}))
+    return root / "corpus", root / "prepared", data
+
+
+def _sampled_config(task, out_dir: Path, **train):
+    corpus, prepared, data = task
+    raw = toy_run_config(out_dir, prepared, corpus, **train)
+    return config_from_dict({**raw, "data": {**raw["data"], **data}})
+
+
+def test_epochs_cycle_through_the_sampled_segmentations(sampled_task, tmp_path):
+    from seq2seq.data import TokenizedCorpus, batch_indices, collate
+    from seq2seq.distributed import DistInfo
+
+    config = _sampled_config(sampled_task, tmp_path / "run")
+    samples = [TokenizedCorpus(sampled_task[1], s) for s in config.data.sampled_splits()]
+    assert len(samples) == 3
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    updates = train_module._seq2seq_updates(samples, config, info, epoch=1, done=0)
+    seen: dict[int, list] = {}
+    for epoch, _, _, (batch,) in updates:
+        if epoch == 5:
+            break
+        seen.setdefault(epoch, []).append(batch)
+    for epoch, batches in seen.items():
+        corpus = samples[(epoch - 1) % 3]
+        expected = batch_indices(corpus, config.batch.max_tokens, config.train.seed, epoch)
+        assert len(batches) == len(expected)
+        for got, indices in zip(batches, expected):
+            assert torch.equal(got.src, collate(corpus, indices).src)
+            assert torch.equal(got.tgt_out, collate(corpus, indices).tgt_out)
+
+
+def test_resume_with_sampled_segmentations_is_bit_exact(sampled_task, tmp_path):
+    settings = dict(max_steps=16, update_freq=2, eval_every=8, lr_schedule="inverse_sqrt")
+    result = train_module.train(_sampled_config(sampled_task, tmp_path / "straight", **settings))
+    assert result["epoch"] >= 3  # two epoch boundaries, so two changes of segmentation
+    halves = tmp_path / "halves"
+    train_module.train(_sampled_config(sampled_task, halves, **{**settings, "max_steps": 7}))
+    resumed = train_module.train(_sampled_config(sampled_task, halves, **settings))
+    _assert_same_weights(_weights(tmp_path / "straight", 16), _weights(halves, 16))
+    assert resumed["valid_loss"] == result["valid_loss"]
