@@ -15,7 +15,7 @@ What is the same as our recipe (``recipes/configs/multi30k.yaml`` plus the recip
     pieces + EOS, decoder input BOS + pieces); ``bench_quality.sh`` shares one prepared folder;
   - model: ``to_marian(build_model(config.model, ...))``, a ``MarianMTModel`` with our sizes and
     our initial weights (transformer_small: 3+3 layers, d_model 256, post-norm, sinusoids, ReLU,
-    three-way tied embeddings, dropout 0.1);
+    three-way tied embeddings, the recipe's dropout);
   - training: label smoothing 0.1 (``label_smoothing_factor``), peak lr, warmup, Adam betas
     (0.9, 0.98) and eps 1e-9 (AdamW with weight decay 0 is Adam), gradient clipping at norm 1,
     bf16 autocast on CPU, validation loss every ``train.eval_every`` updates, a checkpoint every
