@@ -119,12 +119,13 @@ class PairDataset(Dataset):
     def __init__(self, *corpora: TokenizedCorpus) -> None:
         self.corpora, self.epoch = corpora, 0
 
-    def __len__(self) -> int:
-        return len(self.corpora[0])
+    def __len__(self) -> int:  # a sample may have lost another over-long example to filtering
+        return min(map(len, self.corpora))
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)  # also ends iteration by index, as HF's length grouping does
         corpus = self.corpora[self.epoch % len(self.corpora)]
-        i %= len(corpus)  # a sample may have lost a different over-long example to filtering
         source = corpus.source(i).tolist() + [EOS_ID]
         return {"input_ids": source, "labels": corpus.target(i).tolist() + [EOS_ID]}
 
