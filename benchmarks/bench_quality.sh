@@ -24,7 +24,7 @@
 #   IMPL         ours | hf [ours]
 #   SRC, TGT     languages [de, en]
 #   MAX_MINUTES  training budget in minutes [25]
-#   AVERAGE      checkpoints to average [3]
+#   AVERAGE      checkpoints to average [10, as recipes/multi30k.sh]
 #   TEST_LINES   score only the first N test sentences, 0 = all 1,000 [0]
 #   LENPEN_GRID  length penalties (GNMT alpha) both choose from on the validation set; empty:
 #                the config's [0.6 1.0 1.5 2.0]
@@ -46,7 +46,7 @@ IMPL="${IMPL:-ours}"
 SRC="${SRC:-de}"
 TGT="${TGT:-en}"
 MAX_MINUTES="${MAX_MINUTES:-25}"
-AVERAGE="${AVERAGE:-3}"
+AVERAGE="${AVERAGE:-10}"
 TEST_LINES="${TEST_LINES:-0}"
 LENPEN_GRID="${LENPEN_GRID-0.6 1.0 1.5 2.0}"
 VALID_LINES="${VALID_LINES:-0}"

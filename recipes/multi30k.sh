@@ -14,7 +14,7 @@
 #   OUT          run directory [runs/multi30k_$SRC-$TGT]
 #   SRC, TGT     languages [de, en]
 #   MAX_MINUTES  training budget in minutes [25]
-#   AVERAGE      newest checkpoints to average (all if fewer were saved) [3]
+#   AVERAGE      newest checkpoints to average (all if fewer were saved) [10]
 #   TEST_LINES   translate only the first N test sentences, 0 = all [0]
 #   LENPEN_GRID  length penalties (GNMT alpha) to try on the validation set; the best by cased
 #                BLEU decodes the test set. Empty: the config's decode.length_penalty [0.6 1 1.5 2]
@@ -36,7 +36,7 @@ SRC="${SRC:-de}"
 TGT="${TGT:-en}"
 OUT="${OUT:-runs/multi30k_$SRC-$TGT}"
 MAX_MINUTES="${MAX_MINUTES:-25}"
-AVERAGE="${AVERAGE:-3}"
+AVERAGE="${AVERAGE:-10}"
 TEST_LINES="${TEST_LINES:-0}"
 LENPEN_GRID="${LENPEN_GRID-0.6 1.0 1.5 2.0}"
 VALID_LINES="${VALID_LINES:-0}"
