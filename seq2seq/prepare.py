@@ -10,8 +10,10 @@ source (with EOS) or target (with BOS) is longer than ``max_source_len``/``max_t
 dropped, or cut to fit with ``data.truncate``; both are counted and reported.
 
 With ``data.subword_alpha`` > 0 the training split is also written ``subword_samples`` more times
-as ``{train_split}.sample{k}``, each with segmentations drawn by SentencePiece's sampling (seeded:
-preparing again gives the same files); training reads one of them per epoch.
+as ``{train_split}.sample{k}``, each with segmentations drawn by SentencePiece's sampling (seeded
+per chunk: the same files with any number of forked workers; SentencePiece 0.2 draws others in a
+new process, so preparing again from scratch does not repeat them); training reads one of them
+per epoch.
 """
 
 from __future__ import annotations

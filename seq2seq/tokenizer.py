@@ -103,8 +103,9 @@ class SentencePieceModel:
 
     def sample(self, texts: list[str], alpha: float, seed: int) -> list[list[int]]:
         """One segmentation of each text drawn at ``alpha`` (BPE-dropout for BPE models), the
-        same for the same ``seed``: one encoding thread, because SentencePiece seeds each of its
-        threads' generators alike and hands them texts in no fixed order."""
+        same for the same ``seed`` within a process and its forked workers (SentencePiece 0.2
+        draws others in a new process): one encoding thread, because SentencePiece seeds each of
+        its threads' generators alike and hands them texts in no fixed order."""
         spm.set_random_generator_seed(seed)
         return self.processor.encode(
             texts, enable_sampling=True, alpha=alpha, nbest_size=-1, num_threads=1
