@@ -8,7 +8,7 @@ Engines (``--engines``, ``impl:precision``), all on the same weights:
   - ``ours:fp32`` / ``ours:int8`` / ``ours:bf16``: :func:`seq2seq.decoding.search_batches` (the
     code ``seq2seq translate`` and ``Translator`` run: on the CPU, one batch per thread, each
     searched single-threaded), on the model laid out by
-    :func:`seq2seq.kernels.column_major_weights` as they lay it out; int8 through
+    :func:`seq2seq.kernels.prepare_cpu_decoding` as they prepare it; int8 through
     :func:`seq2seq.decoding.quantize_int8` (``--precision int8``);
   - ``ct2:fp32`` / ``ct2:int8``: ``ctranslate2.Translator`` on ``seq2seq export --format
     ctranslate2`` of the model (``--quantization float32`` / ``int8``), fed SentencePiece pieces
@@ -123,13 +123,13 @@ def ours_engine(model_dir: str, precision: str, search: dict[str, Any]) -> Engin
     from seq2seq.checkpoint import load_model
     from seq2seq.config import DecodeConfig
     from seq2seq.decoding import clean_line, quantize_int8, search_batches
-    from seq2seq.kernels import column_major_weights
+    from seq2seq.kernels import prepare_cpu_decoding
     from seq2seq.tokenizer import EOS_ID
 
     model, tokenizer, _ = load_model(model_dir)
     if precision == "int8":
         model = quantize_int8(model, "cpu")
-    column_major_weights(model)  # as seq2seq translate and Translator.load do
+    prepare_cpu_decoding(model)  # as seq2seq translate and Translator.load do
     dtype = {"fp32": None, "int8": None, "bf16": "bfloat16"}[precision]
     decode = DecodeConfig(
         beam_size=search["beam"], length_penalty=search["alpha"], max_len_a=0.0,

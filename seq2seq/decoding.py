@@ -252,7 +252,13 @@ def translate_ids(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast, float32_linear(device, dtype):
+        # A model from prepare_cpu_decoding picks its linear kernels itself, without the mode.
+        linear = (
+            contextlib.nullcontext()
+            if getattr(model, "prepared_for_cpu_decoding", False)
+            else float32_linear(device, dtype)
+        )
+        with torch.inference_mode(), autocast, linear:
             decoder = TransformerDecoder(model, src)
             settings = dict(
                 max_len=max_len,

@@ -11,6 +11,8 @@ some of them, with the measurements behind each choice in ``benchmarks/RESULTS.m
   float32 buffer for logits, softmax and gradient;
 - :func:`column_major_weights`: the weight matrices of a CPU model that decodes laid out so that
   each linear layer's matrix product reads them without a transpose;
+- :func:`prepare_cpu_decoding`: that layout plus :class:`DecodingLinear` layers, which pick the
+  float32 library per call without a mode that intercepts every other operator;
 - :func:`float32_linear`: float32 linear layers of CPU training and decoding on oneDNN instead of
   MKL where MKL runs below the CPU's vector width (AMD with AVX-512).
 
@@ -198,6 +200,73 @@ def column_major_weights(model: nn.Module) -> nn.Module:
             ):
                 parameter.data = parameter.data.t().contiguous().t()
     return model
+
+
+def prepare_cpu_decoding(model: nn.Module) -> nn.Module:
+    """Ready a model for decoding: :func:`column_major_weights`, and where oneDNN runs float32
+    products faster than MKL (:func:`onednn_float32_linear_is_faster`) every ``nn.Linear``, and
+    the tied output projection, replaced by a :class:`DecodingLinear` over the same parameters.
+    In place; returns ``model``. Models on other devices, or whose linear layers are quantized,
+    keep the layers they have.
+
+    :func:`float32_linear`'s mode reaches the same kernels but runs a Python function for every
+    operator of a step (views, adds, attention...), not only for the linear layers, and decoding
+    is many small operators: on a Zen 5 EPYC, one thread, Multi30k test2016, greedy search took
+    3.09 s (median of 10) with these layers against 3.54 s with the mode, with identical outputs;
+    beam 5 did not move beyond the noise (benchmarks/RESULTS.md).
+    :func:`seq2seq.decoding.translate_ids` leaves the mode out for a model prepared here.
+    """
+    column_major_weights(model)
+    if not onednn_float32_linear_is_faster():
+        return model
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return model
+    replaced: dict[nn.Module, DecodingLinear] = {}
+    decoder = getattr(model, "decoder", None)  # the stack, held unregistered beside its parts
+    parents = list(model.modules()) + (list(decoder.modules()) if decoder is not None else [])
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:  # one replacement per layer, wherever it is held
+                if child not in replaced:
+                    replaced[child] = DecodingLinear(child.weight, child.bias)
+                setattr(parent, name, replaced[child])
+    if decoder is not None and getattr(decoder, "output_projection", False) is None:
+        # Tied: the stack multiplies by its embedding matrix through F.linear; give it a layer.
+        decoder.output_projection = DecodingLinear(decoder.embedding.weight, None)
+    model.prepared_for_cpu_decoding = True
+    return model
+
+
+# Up to this many rows MKL's product beats oneDNN's fixed cost per call (one row, one thread,
+# Zen 5: 5-20 us against 17-48 us at widths 256-1,024; from 2-5 rows on oneDNN was as fast or
+# faster, 1.5-4x at 5 rows and more; benchmarks/RESULTS.md).
+MKL_MAX_ROWS = 1
+
+
+class DecodingLinear(nn.Module):
+    """``x W^T + b`` for a CPU model that decodes, sharing the ``weight`` and ``bias`` Parameters
+    of the layer it replaces (same names, so a state dict reads the same): float32 inference
+    products with more than :data:`MKL_MAX_ROWS` rows on oneDNN, everything else (one row,
+    autocast, autograd, other dtypes) through ``F.linear`` as ``nn.Linear`` would.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.dtype is torch.float32
+            and x.numel() > MKL_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self.weight.dtype is torch.float32
+        ):
+            return _onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
 
 
 # --------------------------------------------------------------------------- float32 linear layers

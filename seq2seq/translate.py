@@ -72,7 +72,7 @@ from seq2seq.decoding import (  # noqa: F401  (the rest are re-exported for impo
     translate_nbest,
 )
 from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
-from seq2seq.kernels import column_major_weights
+from seq2seq.kernels import prepare_cpu_decoding
 from seq2seq.textio import iter_lines
 from seq2seq.tokenizer import Tokenizer
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"translate: precision: int8 ({precision.reason})", file=sys.stderr)
     else:
         print(f"translate: {precision.describe(requested)}", file=sys.stderr)
-    column_major_weights(model)
+    prepare_cpu_decoding(model)
 
     stats = TranslateStats()
     with contextlib.ExitStack() as stack:

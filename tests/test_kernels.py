@@ -203,3 +203,108 @@ def test_the_mode_routes_float32_linear_only_and_keeps_every_other_op():
     assert half.dtype == torch.bfloat16 and "OneDNN" not in type(half.grad_fn).__name__
     assert autocast.dtype == torch.bfloat16 and "OneDNN" not in type(autocast.grad_fn).__name__
     torch.testing.assert_close(routed, F.linear(x, layer.weight, layer.bias))
+
+
+# --------------------------------------------------------------------------- decoding layers
+
+
+needs_onednn = pytest.mark.skipif(
+    not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="torch built without oneDNN"
+)
+
+
+def _small_transformer(tie_output: bool = True):
+    from seq2seq.config import ModelConfig
+    from seq2seq.model import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
+        tie_output=tie_output, share_embeddings=tie_output,
+    )  # fmt: skip
+    return build_model(config, 50, 50).eval()
+
+
+@needs_onednn
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_prepare_cpu_decoding_swaps_every_linear_layer_and_keeps_parameters(
+    tie_output, monkeypatch
+):
+    """Where oneDNN is faster every nn.Linear becomes a DecodingLinear over the very same
+    Parameters (same state dict names), the tied projection reads the embedding, and beam search
+    finds the same outputs as the untouched model."""
+    import copy
+
+    from seq2seq.config import DecodeConfig
+    from seq2seq.decoding import translate_ids
+
+    monkeypatch.setattr(kernels, "onednn_float32_linear_is_faster", lambda: True)
+    model = _small_transformer(tie_output)
+    prepared = kernels.prepare_cpu_decoding(copy.deepcopy(model))
+    assert prepared.prepared_for_cpu_decoding
+    assert not any(type(m) is torch.nn.Linear for m in prepared.modules())
+    # Encoder layers: attention and feed-forward; decoder: self, cross, feed-forward; an untied
+    # output projection (a tied one is not registered on the model).
+    expected = 2 * (4 + 2) + 2 * (4 + 4 + 2) + (0 if tie_output else 1)
+    assert sum(isinstance(m, kernels.DecodingLinear) for m in prepared.modules()) == expected
+    before, after = model.state_dict(), prepared.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    projection = prepared.decoder.output_projection
+    assert isinstance(projection, kernels.DecodingLinear)
+    if tie_output:
+        assert projection.weight is prepared.decoder.embedding.weight
+        assert prepared.output_projection is None  # nothing new is registered on the model
+    else:
+        assert projection is prepared.output_projection  # still one layer, held twice
+    src = torch.randint(4, 50, (5, 9))
+    tgt = torch.randint(4, 50, (5, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(src, tgt), model(src, tgt), rtol=1e-5, atol=1e-5)
+    sources = [row.tolist() + [2] for row in src]
+    decode = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=12)
+    ours, theirs = translate_ids(prepared, sources, decode), translate_ids(model, sources, decode)
+    assert [h[0].tokens for h in ours] == [h[0].tokens for h in theirs]
+
+
+def test_prepare_cpu_decoding_keeps_nn_linear_where_mkl_is_as_fast(monkeypatch):
+    monkeypatch.setattr(kernels, "onednn_float32_linear_is_faster", lambda: False)
+    prepared = kernels.prepare_cpu_decoding(_small_transformer())
+    assert not any(isinstance(m, kernels.DecodingLinear) for m in prepared.modules())
+    weight = prepared.decoder_layers[0].feed_forward.linear_in.weight
+    assert weight.t().is_contiguous() and not weight.is_contiguous()  # still laid out
+    assert not getattr(prepared, "prepared_for_cpu_decoding", False)  # translate_ids keeps the mode
+
+
+def test_prepare_cpu_decoding_leaves_int8_layers_quantized(monkeypatch):
+    from seq2seq.decoding import quantize_int8
+
+    monkeypatch.setattr(kernels, "onednn_float32_linear_is_faster", lambda: True)
+    quantized = kernels.prepare_cpu_decoding(quantize_int8(_small_transformer(), "cpu"))
+    assert not any(isinstance(m, kernels.DecodingLinear) for m in quantized.modules())
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    assert isinstance(quantized.decoder.output_projection, DynamicQuantizedLinear)
+
+
+@needs_onednn
+def test_decoding_linear_is_a_float32_product_and_falls_back_where_it_must():
+    """oneDNN for inference products of more than one row, within the float32 bound of the float64
+    product; F.linear (MKL, autograd, autocast) for one row, with gradients, and under autocast."""
+    generator = torch.Generator().manual_seed(0)
+    w64 = torch.randn(24, 48, dtype=torch.float64, generator=generator)
+    b64 = torch.randn(24, dtype=torch.float64, generator=generator)
+    weight = torch.nn.Parameter(w64.float().t().contiguous().t())  # column-major, as prepared
+    layer = kernels.DecodingLinear(weight, torch.nn.Parameter(b64.float()))
+    for rows in (1, 2, 64):
+        x64 = torch.randn(rows, 1, 48, dtype=torch.float64, generator=generator)
+        with torch.inference_mode():
+            out = layer(x64.float())
+        bound = _float32_bound(x64, w64.t()) + 2.0**-24 * b64.abs()
+        assert ((out.double() - (F.linear(x64, w64, b64))).abs() <= bound + 1e-12).all(), rows
+    x = torch.randn(5, 48, requires_grad=True)
+    layer(x).sum().backward()  # autograd records: F.linear's backward
+    torch.testing.assert_close(x.grad, weight.detach().sum(0).expand(5, -1))
+    assert weight.grad is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(5, 48)).dtype == torch.bfloat16
