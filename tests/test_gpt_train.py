@@ -21,11 +21,15 @@ def faults_per_round():
     for _ in range(3):  # warm up: the first rounds map the memory whatever the settings
         blocks = [torch.ones(2 * 2**20) for _ in range(3)]  # 3 x 8 MiB, touched
         del blocks
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    # The median round: a kernel that reclaims idle pages now and then (DAMON) can fault one
+    # block of one round back in, which says nothing about reuse.
+    counts = []
     for _ in range(10):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         blocks = [torch.ones(2 * 2**20) for _ in range(3)]
         del blocks
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(counts)[len(counts) // 2]
 
 if sys.argv[1] == "kept":
     with keep_freed_memory():
@@ -89,6 +93,7 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     default, kept = faults("default"), faults("kept")
     pages = 3 * 8 * 2**20 / 4096
     # Whether glibc's own adaptive thresholds give the blocks back varies from run to run (they
-    # rise as blocks are freed), so the default is only a bound; the kept run must never fault.
+    # rise as blocks are freed), so the default is only a bound; the kept run's median round must
+    # not fault.
     assert kept <= default
     assert kept < 0.02 * pages
