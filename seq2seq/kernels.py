@@ -237,9 +237,9 @@ def prepare_cpu_decoding(model: nn.Module) -> nn.Module:
     return model
 
 
-# Up to this many rows MKL's product beats oneDNN's fixed cost per call (one row, one thread,
-# Zen 5: 5-20 us against 17-48 us at widths 256-1,024; from 2-5 rows on oneDNN was as fast or
-# faster, 1.5-4x at 5 rows and more; benchmarks/RESULTS.md).
+# Up to this many rows MKL's product beats oneDNN's fixed cost per call (one thread, Zen 5, one
+# row: 5-97 us against 12-106 us for (256 -> 256) to (256 -> 8,000); two rows: MKL ahead only
+# at 256 -> 256, 8 against 11 us, and 2x behind at 256 -> 8,000; five rows: oneDNN 1.4-4.3x).
 MKL_MAX_ROWS = 1
 
 
