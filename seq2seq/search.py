@@ -215,7 +215,7 @@ def greedy(
             decoder.step(last), step, history, max_len[alive], min_len, no_repeat_ngram_size,
             eos_id, in_place=True,
         )  # fmt: skip
-        best, token = (column[:, 0] for column in row_topk(log_probs, 1))  # 4x max(dim=-1)
+        best, token = (column[:, 0] for column in row_topk(log_probs, 1))  # 3x max(dim=-1)
         total = total + best
         done = (token == eos_id) | torch.isinf(best) | (step + 1 >= max_len[alive])
         for row in done.nonzero().flatten().tolist():
