@@ -313,7 +313,9 @@ class LayerCache:
             used = self.self_key.shape[2]
             fresh = []
             for buffer in self.buffers:
-                moved = buffer.new_empty(buffer.shape[0], index.numel(), *buffer.shape[2:])
+                # Room for the next position only: a reorder copies the prefix anyway, and beam
+                # search reorders every step, so the doubling headroom would only hold memory.
+                moved = buffer.new_empty(used + 1, index.numel(), *buffer.shape[2:])
                 if buffer.requires_grad:  # out= does not record a gradient
                     moved[:used] = buffer[:used].index_select(1, index)
                 else:

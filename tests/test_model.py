@@ -438,3 +438,17 @@ def test_dropout_keep_rate_and_scaling(p):
     both = (pairs[:, 0] * pairs[:, 1]).mean().item()
     assert abs(both - p * p) < 0.01
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_cache_reorder_keeps_no_doubling_headroom():
+    """Beam search reorders every step; the fresh buffers hold the prefix and the next position,
+    not the doubled capacity of the growing ones (which held ~40 MiB more at beam 5, RESULTS.md)."""
+    model = Transformer(tiny_config(), 50, 50).eval()
+    src = random_tokens(2, 6, 50, [6, 4])
+    with torch.no_grad():
+        state = model.start_decoding(model.encode(src))
+        for position in range(20):
+            model.decode_step(torch.full((2, 1), 4 + position), state)
+        assert state.layers[0].buffers[0].shape[0] > 21  # grown with headroom (doubling)
+        state.reorder(torch.tensor([1, 1, 0]))
+        assert [buffer.shape[:2] for buffer in state.layers[0].buffers] == [(21, 3)] * 2
