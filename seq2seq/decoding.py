@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from seq2seq.config import DecodeConfig
-from seq2seq.kernels import float32_linear
+from seq2seq.kernels import Int8Linear, float32_linear
 from seq2seq.search import (
     NEG_INF,
     Hypothesis,
@@ -291,9 +291,10 @@ def quantize_int8(model: torch.nn.Module, device: str | torch.device) -> torch.n
     """A copy of ``model`` whose ``nn.Linear`` layers are dynamically quantized to int8.
 
     Weights are stored int8 and activations quantized on the fly per batch
-    (``torch.ao.quantization.quantize_dynamic``), the output projection included (a tied one as
-    an int8 copy of the embedding matrix); embeddings and the LayerNorms stay float32. The copy
-    is in eval mode; ``model`` is left as it is.
+    (``torch.ao.quantization.quantize_dynamic`` into :class:`~seq2seq.kernels.Int8Linear` layers),
+    the output projection included (a tied one as an int8 copy of the embedding matrix);
+    embeddings and the LayerNorms stay float32. The copy is in eval mode; ``model`` is left as it
+    is.
 
     Raises:
         ValueError: ``device`` is not the CPU (PyTorch's dynamic int8 kernels are CPU-only).
@@ -304,8 +305,9 @@ def quantize_int8(model: torch.nn.Module, device: str | torch.device) -> torch.n
 
     with warnings.catch_warnings():  # torch deprecates the eager API in favour of torchao
         warnings.simplefilter("ignore")
+        int8 = {torch.nn.Linear: Int8Linear}
         quantized = quantize_dynamic(
-            copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8
+            copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8, mapping=int8
         )
         # The output projection (the embedding matrix when tied, which lookups still need in
         # float32) gets an int8 copy of its own: it is the largest product of every step, and
@@ -318,7 +320,7 @@ def quantize_int8(model: torch.nn.Module, device: str | torch.device) -> torch.n
         projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         projection.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
         quantized.decoder.output_projection = quantize_dynamic(
-            torch.nn.Sequential(projection), {torch.nn.Linear}, dtype=torch.qint8
+            torch.nn.Sequential(projection), {torch.nn.Linear}, dtype=torch.qint8, mapping=int8
         )[0]
     return quantized
 

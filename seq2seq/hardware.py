@@ -90,8 +90,12 @@ def _cpuinfo_field(name: str) -> str:
     return ""
 
 
-def _cpu_flags() -> frozenset[str]:
-    """The x86 feature flags the kernel reports (Linux); empty where they cannot be read."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags the kernel reports (Linux); empty where they cannot be read.
+
+    The hardware's own, whatever ``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA`` say: libraries
+    that read neither (fbgemm, for int8) run by these."""
     return frozenset(_cpuinfo_field("flags").split())
 
 
@@ -126,7 +130,7 @@ def _weaker(a: str, b: str) -> str:
 @functools.cache
 def cpu_class() -> str:
     """This CPU's class (one of :data:`CPU_CLASSES`), capped by the emulation variables."""
-    found = _hardware_cpu_class(_cpu_flags())
+    found = _hardware_cpu_class(cpu_flags())
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))
     found = _weaker(found, _ONEDNN_ISA_CAP.get(onednn.strip().upper(), "amx"))
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()

@@ -14,7 +14,9 @@ some of them, with the measurements behind each choice in ``benchmarks/RESULTS.m
 - :func:`prepare_cpu_decoding`: that layout plus :class:`DecodingLinear` layers, which pick the
   float32 library per call without a mode that intercepts every other operator;
 - :func:`float32_linear`: float32 linear layers of CPU training and decoding on oneDNN instead of
-  MKL where MKL runs below the CPU's vector width (AMD with AVX-512).
+  MKL where MKL runs below the CPU's vector width (AMD with AVX-512);
+- :class:`Int8Linear`: int8 decoding's linear layers with 8-bit rather than 7-bit activations
+  where the CPU's int8 instructions cannot overflow (:func:`int8_full_range_activations`).
 
 Shape legend: b batch, h heads, t queries, s keys, d head width, n tokens, v vocabulary.
 """
@@ -27,10 +29,11 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from seq2seq.hardware import cpu_class, cpu_has_native_bf16, cpu_vendor
+from seq2seq.hardware import cpu_class, cpu_flags, cpu_has_native_bf16, cpu_vendor
 
 # --------------------------------------------------------------------------- dropout
 
@@ -358,3 +361,33 @@ def float32_linear(device: torch.device | str, dtype: torch.dtype | None, compil
     if not onednn_float32_linear_is_faster():
         return contextlib.nullcontext()
     return _LinearOnOneDNN()
+
+
+# --------------------------------------------------------------------------- int8 linear layers
+
+
+@functools.cache
+def int8_full_range_activations() -> bool:
+    """True where PyTorch's dynamic int8 products may quantize activations to all 8 bits.
+
+    fbgemm multiplies unsigned 8-bit activations by signed 8-bit weights. Without AVX-512 VNNI it
+    adds each pair of products in 16 bits (``vpmaddubsw``), which saturates (255 x 127 x 2 >
+    32,767), so ``torch.ao``'s dynamic ``Linear`` always quantizes activations to 7 bits
+    (``reduce_range=True``). With VNNI (``vpdpbusd``) the products go straight into 32-bit sums and
+    the eighth bit is free. On a Zen 5 EPYC (``bench_decode.py``, Multi30k test2016 de->en,
+    benchmarks/RESULTS.md) the outputs that differ from float32 fell from 185 to 124 (beam 5) and
+    from 193 to 137 (greedy) of 1,000, at the same speed. fbgemm picks its kernels by the
+    hardware's own flags, so these are read, not ``cpu_class()``.
+    """
+    return "avx512_vnni" in cpu_flags()
+
+
+class Int8Linear(DynamicQuantizedLinear):
+    """``torch.ao``'s dynamically quantized ``Linear`` (int8 weights, activations quantized per
+    call), with 8-bit activations where :func:`int8_full_range_activations` allows them."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._packed_params.dtype != torch.qint8 or not int8_full_range_activations():
+            return super().forward(x)
+        packed = self._packed_params._packed_params
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)

@@ -308,3 +308,42 @@ def test_decoding_linear_is_a_float32_product_and_falls_back_where_it_must():
     assert weight.grad is not None
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(5, 48)).dtype == torch.bfloat16
+
+
+def _int8_layer(weight: torch.Tensor) -> kernels.Int8Linear:
+    layer = kernels.Int8Linear(weight.shape[1], weight.shape[0])
+    layer.set_weight_bias(torch.quantize_per_tensor(weight, 2**-7, 0, torch.qint8), None)
+    return layer
+
+
+@pytest.mark.parametrize("full_range", [False, True])
+def test_int8_linear_sums_exactly_where_a_16_bit_pair_sum_would_saturate(full_range, monkeypatch):
+    """Every activation at 255 against weights at 127: a 16-bit sum of two such products (64,770)
+    would saturate at 32,767 and halve the output. Weights (127 / 128) and activations (255 / 16, an
+    exact 8-bit and 7-bit grid point, zero at 0) quantize without error, so the float64 product is
+    the answer to float32 rounding. Full range is what this machine's int8 layers use where
+    :func:`kernels.int8_full_range_activations` says so; 7-bit activations everywhere."""
+    if full_range and not kernels.int8_full_range_activations():
+        pytest.skip("no AVX-512 VNNI: int8 layers keep 7-bit activations here")
+    monkeypatch.setattr(kernels, "int8_full_range_activations", lambda: full_range)
+    weight = torch.full((8, 64), 127 * 2**-7)
+    x = torch.full((3, 64), 255 / 16)
+    expected = x.double() @ weight.double().t()
+    torch.testing.assert_close(_int8_layer(weight)(x).double(), expected, rtol=1e-6, atol=0)
+
+
+def test_int8_linear_with_full_range_activations_is_closer_to_float32():
+    """Activations spread over 8 bits rather than 7 halve the quantization step, and with weights
+    on their int8 grid that step is the only error: its mean against the float64 product halves
+    (0.50 of the 7-bit error with this seed)."""
+    if not kernels.int8_full_range_activations():
+        pytest.skip("no AVX-512 VNNI: int8 layers keep 7-bit activations here")
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randint(-127, 128, (256, 256), generator=generator) * 2**-7).float()
+    x = torch.randn(64, 256, generator=generator)
+    exact = x.double() @ weight.double().t()
+    layer = _int8_layer(weight)
+    full = (layer(x).double() - exact).abs().mean()
+    packed = layer._packed_params._packed_params
+    seven = (torch.ops.quantized.linear_dynamic(x, packed, True).double() - exact).abs().mean()
+    assert full < 0.6 * seven
