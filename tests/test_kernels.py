@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,3 +353,38 @@ def test_int8_linear_with_full_range_activations_is_closer_to_float32():
     packed = layer._packed_params._packed_params
     seven = (torch.ops.quantized.linear_dynamic(x, packed, True).double() - exact).abs().mean()
     assert full < 0.6 * seven
+
+
+SATURATION_PROBE = """
+import json, warnings
+import torch
+from seq2seq import kernels
+warnings.simplefilter("ignore")
+weight = torch.full((8, 64), 127 * 2**-7)
+layer = kernels.Int8Linear(64, 8)
+layer.set_weight_bias(torch.quantize_per_tensor(weight, 2**-7, 0, torch.qint8), None)
+x = torch.full((3, 64), 255 / 16)
+packed = layer._packed_params._packed_params
+print(json.dumps({
+    "full_range": kernels.int8_full_range_activations(),
+    "layer": layer(x)[0, 0].item(),
+    "eight_bits": torch.ops.quantized.linear_dynamic(x, packed, False)[0, 0].item(),
+    "expected": (x.double() @ weight.double().t())[0, 0].item(),
+}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm is x86 only")
+def test_int8_linear_keeps_7_bits_where_fbgemm_is_held_below_vnni():
+    """``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` makes fbgemm sum pairs of products in 16 bits on any
+    x86 CPU: there 8-bit activations saturate (the probe's raw product comes out near half), and
+    our layer, which reads the variable, keeps 7 bits and stays exact."""
+    environment = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    result = subprocess.run(
+        [sys.executable, "-c", SATURATION_PROBE],
+        env=environment, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["full_range"] is False
+    assert probe["layer"] == pytest.approx(probe["expected"], rel=1e-6)
+    assert probe["eight_bits"] < 0.6 * probe["expected"]  # 32,767 / 64,770 of it
