@@ -12,7 +12,8 @@ some of them, with the measurements behind each choice in ``benchmarks/RESULTS.m
 - :func:`column_major_weights`: the weight matrices of a CPU model that decodes laid out so that
   each linear layer's matrix product reads them without a transpose;
 - :func:`prepare_cpu_decoding`: that layout plus :class:`DecodingLinear` layers, which pick the
-  float32 library per call without a mode that intercepts every other operator;
+  float32 library per call without a mode that intercepts every other operator, and the decoder's
+  step as one TorchScript graph (:mod:`seq2seq.scripted`);
 - :func:`float32_linear`: float32 linear layers of CPU training and decoding on oneDNN instead of
   MKL where MKL runs below the CPU's vector width (AMD with AVX-512);
 - :class:`Int8Linear`: int8 decoding's linear layers with 8-bit rather than 7-bit activations
@@ -211,7 +212,9 @@ def prepare_cpu_decoding(model: nn.Module) -> nn.Module:
     products faster than MKL (:func:`onednn_float32_linear_is_faster`) every ``nn.Linear``, and
     the tied output projection, replaced by a :class:`DecodingLinear` over the same parameters.
     In place; returns ``model``. Models on other devices, or whose linear layers are quantized,
-    keep the layers they have.
+    keep the layers they have. Last, a CPU model's decoder stack gets its single-token step as a
+    TorchScript graph over the same parameters (:mod:`seq2seq.scripted`; the same outputs, fewer
+    trips through the interpreter).
 
     :func:`float32_linear`'s mode reaches the same kernels but runs a Python function for every
     operator of a step (views, adds, attention...), not only for the linear layers, and decoding
@@ -221,12 +224,21 @@ def prepare_cpu_decoding(model: nn.Module) -> nn.Module:
     :func:`seq2seq.decoding.translate_ids` leaves the mode out for a model prepared here.
     """
     column_major_weights(model)
-    if not onednn_float32_linear_is_faster():
-        return model
     if any(p.device.type != "cpu" for p in model.parameters()):
         return model
-    replaced: dict[nn.Module, DecodingLinear] = {}
     decoder = getattr(model, "decoder", None)  # the stack, held unregistered beside its parts
+    if onednn_float32_linear_is_faster():
+        _decoding_linear_layers(model, decoder)
+    if decoder is not None:
+        from seq2seq.scripted import attach
+
+        attach(decoder)  # last: the graph holds the parameters as they are now
+    return model
+
+
+def _decoding_linear_layers(model: nn.Module, decoder: nn.Module | None) -> None:
+    """Every float32 ``nn.Linear`` of ``model`` (and the tied projection) as a DecodingLinear."""
+    replaced: dict[nn.Module, DecodingLinear] = {}
     parents = list(model.modules()) + (list(decoder.modules()) if decoder is not None else [])
     for parent in parents:
         for name, child in list(parent.named_children()):
@@ -238,7 +250,6 @@ def prepare_cpu_decoding(model: nn.Module) -> nn.Module:
         # Tied: the stack multiplies by its embedding matrix through F.linear; give it a layer.
         decoder.output_projection = DecodingLinear(decoder.embedding.weight, None)
     model.prepared_for_cpu_decoding = True
-    return model
 
 
 # Up to this many rows MKL's product beats oneDNN's fixed cost per call (one thread, Zen 5, one

@@ -278,39 +278,58 @@ class LayerCache:
     """Keys and values one decoder layer has seen: (b, h, positions, d) each.
 
     The self-attention ones are views of preallocated buffers (positions, b, h, d), time-major
-    only inside: a new position is written in place (no ``torch.cat`` of the whole prefix per
-    step) and a beam reorder is one ``index_select`` into the used prefix of a fresh buffer.
+    only inside, filled to ``length``: a new position is written in place (no ``torch.cat`` of
+    the whole prefix per step) and a beam reorder is one ``index_select`` into the used prefix of
+    a fresh buffer.
     """
 
-    self_key: Tensor | None = None
-    self_value: Tensor | None = None
     cross_key: Tensor | None = None
     cross_value: Tensor | None = None
     buffers: tuple[Tensor, Tensor] | None = None  # (capacity, b, h, d) behind self_key/value
+    length: int = 0  # positions held in the buffers
     cross_rows: int = 1  # consecutive decoder rows (a source's beams) per cross_key row
+
+    @property
+    def self_key(self) -> Tensor | None:
+        if self.buffers is None:
+            return None
+        return rearrange(self.buffers[0][: self.length], "t b h d -> b h t d")
+
+    @property
+    def self_value(self) -> Tensor | None:
+        if self.buffers is None:
+            return None
+        return rearrange(self.buffers[1][: self.length], "t b h d -> b h t d")
+
+    def reserve(
+        self, end: int, batch: int, heads: int, width: int, dtype: torch.dtype, device
+    ) -> None:
+        """Buffers for at least ``end`` positions of ``batch`` rows, the cached ones kept."""
+        if self.buffers is not None and self.buffers[0].shape[0] >= end:
+            return
+        capacity = max(16, 2 * end)  # doubling: O(t) copies in all, not O(t) per step
+        grown = tuple(
+            torch.empty(capacity, batch, heads, width, dtype=dtype, device=device) for _ in "kv"
+        )
+        if self.buffers is not None:
+            for buffer, cached in zip(grown, self.buffers):
+                buffer[: self.length] = cached[: self.length]
+        self.buffers = (grown[0], grown[1])
 
     def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Add (b, h, n, d) new keys/values after the cached ones; all of them, (b, h, t, d)."""
-        past = 0 if self.self_key is None else self.self_key.shape[2]
-        end = past + key.shape[2]
-        if self.buffers is None or self.buffers[0].shape[0] < end:
-            capacity = max(16, 2 * end)  # doubling: O(t) copies in all, not O(t) per step
-            grown = tuple(key.new_empty(capacity, *key.shape[:2], key.shape[3]) for _ in "kv")
-            for buffer, cached in zip(grown, (self.self_key, self.self_value)):
-                if cached is not None:
-                    buffer[:past] = rearrange(cached, "b h t d -> t b h d")
-            self.buffers = grown
+        past, end = self.length, self.length + key.shape[2]
+        batch, heads, _, width = key.shape
+        self.reserve(end, batch, heads, width, key.dtype, key.device)
         for buffer, new in zip(self.buffers, (key, value)):
             buffer[past:end] = rearrange(new, "b h n d -> n b h d")
-        self.self_key, self.self_value = (
-            rearrange(buffer[:end], "t b h d -> b h t d") for buffer in self.buffers
-        )
+        self.length = end
         return self.self_key, self.self_value
 
     def reorder(self, index: Tensor, self_attention_only: bool) -> None:
         """Keep batch rows ``index``; the cross-attention ones too unless ``self_attention_only``."""
         if self.buffers is not None:
-            used = self.self_key.shape[2]
+            used = self.length
             fresh = []
             for buffer in self.buffers:
                 # Room for the next position only: a reorder copies the prefix anyway, and beam
@@ -322,12 +341,6 @@ class LayerCache:
                     torch.index_select(buffer[:used], 1, index, out=moved[:used])
                 fresh.append(moved)
             self.buffers = (fresh[0], fresh[1])
-            self.self_key, self.self_value = (
-                rearrange(buffer[:used], "t b h d -> b h t d") for buffer in self.buffers
-            )
-        elif self.self_key is not None:
-            self.self_key = self.self_key.index_select(0, index)
-            self.self_value = self.self_value.index_select(0, index)
         if self.cross_key is not None and not self_attention_only:
             by_source = index // self.cross_rows  # decoder row -> its cross-attention row
             self.cross_key = self.cross_key.index_select(0, by_source)
@@ -409,7 +422,7 @@ class DecoderLayer(nn.Module):
             key, value = self.self_attention.project_key_value(y)
             if cache is None:
                 return self.self_attention.attend(y, key, value, None, True, self_probs)
-            past = 0 if cache.self_key is None else cache.self_key.shape[2]
+            past = cache.length
             key, value = cache.append(key, value)
             mask = None
             if y.shape[1] > 1:  # several new positions: each sees the prefix and itself

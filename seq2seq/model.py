@@ -88,6 +88,7 @@ class DecoderStack(nn.Module):
         if not tie_output:
             self.output_projection = nn.Linear(shape.d_model, vocab_size, bias=False)
         self.output_bias = OutputBias(vocab_size) if output_bias else None
+        self.scripted_step = None  # seq2seq.scripted.ScriptedStep, given for CPU decoding
 
     def forward(
         self,
@@ -114,6 +115,8 @@ class DecoderStack(nn.Module):
 
     def step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """tokens (b, n) continuing the cached prefix -> logits (b, n, v); extends the cache."""
+        if self.scripted_step is not None and self.scripted_step.applies(tokens):
+            return self.scripted_step(tokens, state)  # the same operators, run by TorchScript
         x = self.positions(self.embedding(tokens), offset=state.length)
         for layer, cache in zip(self.layers, state.layers):
             x = layer(x, None, state.memory_mask, cache)
