@@ -289,7 +289,7 @@ def attach(stack: nn.Module) -> ScriptedStep | None:
         return None
     try:
         scripted = ScriptedStep(stack)
-    except Exception:  # noqa: BLE001 - the eager step is always correct; any failure keeps it
+    except Exception:  # the eager step is always correct; whatever fails here keeps it
         return None
     stack.scripted_step = scripted
     return scripted

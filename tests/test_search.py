@@ -17,6 +17,7 @@ from seq2seq.search import (
     length_penalty,
     row_topk,
     sample,
+    sentence_topk,
     top_k_filter,
     top_p_filter,
 )
@@ -230,6 +231,27 @@ def test_row_topk_equals_torch_topk(width):
     assert torch.equal(values.gather(1, where), top)
     finite = torch.isfinite(top)
     assert all(len(set(row[ok].tolist())) == int(ok.sum()) for row, ok in zip(where, finite))
+
+
+@pytest.mark.parametrize("width", [8000, 8003, 700, 37])
+def test_sentence_topk_equals_torch_topk_over_all_beams(width):
+    """The best 10 of each sentence's 5 beams x ``width`` summed scores, with the beam and token
+    each came from, as one topk over the whole (n, 5 x width) table would rank them."""
+    generator = torch.Generator().manual_seed(width)
+    n, beams = 4, 5
+    log_probs = torch.log_softmax(torch.randn(n * beams, width, generator=generator) * 3, dim=1)
+    log_probs[:, :3] = NEG_INF  # blocked tokens, as the search leaves them
+    log_probs[7] = NEG_INF  # a beam whose every extension is blocked
+    scores = torch.randn(n, beams, generator=generator) * 4
+    scores[2, 1:] = NEG_INF  # dead beams of sentence 2
+    top, beam, token = sentence_topk(log_probs, scores, 2 * beams)
+    table = scores[:, :, None] + log_probs.view(n, beams, width)
+    assert torch.equal(top, table.view(n, -1).topk(2 * beams, dim=1).values)
+    finite = torch.isfinite(top)
+    assert torch.equal(table[torch.arange(n)[:, None], beam, token][finite], top[finite])
+    for row_beam, row_token, ok in zip(beam, token, finite):
+        pairs = list(zip(row_beam[ok].tolist(), row_token[ok].tolist()))
+        assert len(set(pairs)) == len(pairs)  # no extension counted twice
 
 
 def test_top_k_and_top_p_filters_hand_computed():
