@@ -1,12 +1,13 @@
 """The decoder's one-token step as one TorchScript graph, for CPU decoding.
 
 A decoding step is ~100 small operators. Run from Python, each costs an interpreter round trip
-and holds the interpreter lock, which the two search threads of :func:`seq2seq.decoding.search_batches`
-then wait on. :class:`ScriptedStep` runs the same operators, in the same order and on the same
-kernels as :meth:`seq2seq.model.DecoderStack.step`, from TorchScript's interpreter, which releases
-the lock: the outputs are bit for bit the eager ones (``tests/test_scripted.py``) and, on a Zen 5
-EPYC with two threads (Multi30k test2016, benchmarks/RESULTS.md), float32 greedy search ran
-1.11x and beam 5 1.06x faster, int8 1.49x and 1.28x.
+and takes the interpreter lock, which the search threads of
+:func:`seq2seq.decoding.search_batches` then wait on. :class:`ScriptedStep` runs the same
+operators, in the same order and on the same kernels as :meth:`seq2seq.model.DecoderStack.step`,
+from TorchScript's interpreter, which does without the lock: the outputs are bit for bit the eager
+ones (``tests/test_scripted.py``), and on a Zen 5 EPYC with two threads (Multi30k test2016, in
+one process, alternating, medians; benchmarks/RESULTS.md) float32 greedy search ran 1.19x and
+beam 5 1.08x faster, int8 1.52x and 1.14x.
 
 :func:`seq2seq.kernels.prepare_cpu_decoding` attaches one to a float32 CPU model's decoder stack
 (after it has laid out the weights, whose tensors the graph shares, not copies); the stack uses it

@@ -159,7 +159,9 @@ def sentence_topk(
     blocks whose maxima plus that score are among a sentence's ``count`` largest hold its
     ``count`` best extensions. Ranking blocks per sentence rather than per beam takes the top-k
     over ``n`` rows instead of ``n k`` (on one core at (320 x 8,000), k = 5: 0.78 ms against
-    1.59 ms for per-beam :func:`row_topk` and pooling). Exact ties may rank in another order.
+    1.59 ms for per-beam :func:`row_topk` and pooling). Exact ties may rank in another order
+    than per-beam ranking gave: no float32 output changed on Multi30k test2016 (beam 5), 7 of
+    1,000 int8 ones did, whose coarse logits tie more often.
     """
     n, beams = scores.shape
     width = log_probs.size(1)
