@@ -25,7 +25,12 @@ import torch
 from seq2seq.checkpoint import load_model
 from seq2seq.config import DecodeConfig, RunConfig
 from seq2seq.decoding import quantize_int8, translate_nbest
-from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
+from seq2seq.hardware import (
+    PrecisionChoice,
+    resolve_decoding_precision,
+    resolve_device,
+    resolve_precision,
+)
 from seq2seq.kernels import prepare_cpu_decoding
 from seq2seq.model import count_parameters
 from seq2seq.sample import generate as sample_text
@@ -93,6 +98,8 @@ class _LoadedModel:
         model, tokenizer, config = load_model(directory, device=resolved)
         if precision == "int8":
             model = quantize_int8(model, resolved)
+        else:
+            choice = resolve_decoding_precision(precision, resolved, config.model.d_model)
         prepare_cpu_decoding(model)
         return cls(model, tokenizer, config, resolved, choice, name=Path(directory).name)
 
