@@ -237,7 +237,8 @@ class ScriptedStep:
         self.stack_training = lambda: stack.layers.training
         self.max_positions = stack.positions.max_positions
         self.heads = stack.layers[0].self_attention.n_heads
-        self.dtype = stack.embedding.weight.dtype
+        self.embedding = stack.embedding.weight  # its dtype says whether the model is still fp32
+        self.head_width = self.embedding.shape[1] // self.heads
 
     def __deepcopy__(self, memo: dict) -> None:
         """A copied model gets no graph: this one holds the original's parameters."""
@@ -248,6 +249,7 @@ class ScriptedStep:
         return (
             tokens.shape[1] == 1
             and tokens.device.type == "cpu"
+            and self.embedding.dtype is torch.float32
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and not self.stack_training()
@@ -263,11 +265,9 @@ class ScriptedStep:
         batch = tokens.shape[0]
         keys, values = [], []
         for cache in state.layers:
-            if cache.cross_key is not None:
-                width = cache.cross_key.shape[3]
-            else:
-                width = self.graph.embedding.shape[1] // self.heads
-            cache.reserve(past + 1, batch, self.heads, width, self.dtype, tokens.device)
+            cache.reserve(
+                past + 1, batch, self.heads, self.head_width, torch.float32, tokens.device
+            )
             keys.append(cache.buffers[0])
             values.append(cache.buffers[1])
         crossed = [cache for cache in state.layers if cache.cross_key is not None]

@@ -138,8 +138,8 @@ def test_seeded_gpt_sampling_draws_the_same_text_through_the_graph(monkeypatch):
 
 
 def test_scripted_step_stands_aside_outside_cpu_inference(monkeypatch):
-    """With gradients, in training mode, under autocast or for several tokens the eager step
-    runs; in inference it is the graph."""
+    """With gradients, in training mode, under autocast, for several tokens or once the model is
+    cast to another dtype the eager step runs; in float32 inference it is the graph."""
     _, model = prepared_pair("paper", "fp32", False, monkeypatch)
     step = model.decoder.scripted_step
     calls = []
@@ -161,6 +161,9 @@ def test_scripted_step_stands_aside_outside_cpu_inference(monkeypatch):
     with torch.no_grad():
         decode_one(torch.full((1, 3), BOS_ID))
         model.train()
+        decode_one()
+    model.eval().to(torch.bfloat16)  # no longer the float32 model the graph was built for
+    with torch.inference_mode():
         decode_one()
     assert len(calls) == 1
 
