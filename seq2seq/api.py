@@ -27,9 +27,9 @@ from seq2seq.config import DecodeConfig, RunConfig
 from seq2seq.decoding import quantize_int8, translate_nbest
 from seq2seq.hardware import (
     PrecisionChoice,
-    resolve_decoding_precision,
     resolve_device,
     resolve_precision,
+    resolve_sampling_precision,
 )
 from seq2seq.kernels import prepare_cpu_decoding
 from seq2seq.model import count_parameters
@@ -98,8 +98,8 @@ class _LoadedModel:
         model, tokenizer, config = load_model(directory, device=resolved)
         if precision == "int8":
             model = quantize_int8(model, resolved)
-        else:
-            choice = resolve_decoding_precision(precision, resolved, config.model.d_model)
+        elif cls.arch == "gpt":  # generation samples one row per step
+            choice = resolve_sampling_precision(precision, resolved)
         prepare_cpu_decoding(model)
         return cls(model, tokenizer, config, resolved, choice, name=Path(directory).name)
 

@@ -6,8 +6,7 @@
 - CUDA without it (V100, T4) -> ``fp16`` with the grad scaler;
 - a CPU whose matmuls run bf16 natively (AVX-512-BF16 or AMX, through oneDNN) -> ``bf16``, except
   for training a model narrower than ``MIN_BF16_CPU_WIDTH`` on AMX, which is faster in fp32, and
-  for decoding or sampling a model narrower than ``MIN_BF16_CPU_DECODING_WIDTH``
-  (:func:`resolve_decoding_precision`), which is faster and exact in fp32;
+  for sampling a GPT one row at a time (:func:`resolve_sampling_precision`), faster in fp32;
 - any other CPU -> ``fp32``: without those instructions PyTorch falls back to a reference bf16
   GEMM that measured ~16x slower than fp32 on an AVX2-only AMD EPYC (benchmarks/RESULTS.md).
 
@@ -60,15 +59,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # (benchmarks/RESULTS.md), so the width rule holds for AMX only.
 MIN_BF16_CPU_WIDTH = 256
 NARROW_FP32_CLASSES = ("amx",)
-
-# Decoding on a CPU, narrower models than this run faster in fp32 on every class measured: a step's
-# products are small (one row per beam), autocast casts the weights anew at every step, and the
-# fp32 step runs as one TorchScript graph (seq2seq.scripted), which autocast bypasses. Zen 5 EPYC,
-# one thread, a step of 1 / 64 / 320 rows (benchmarks/RESULTS.md): bf16 ran at 0.48 / 0.82 / 0.77x
-# fp32's speed at d_model 256, 0.57 / 0.82 / 0.81x at 512, and 0.50 / 1.17 / 1.15x at 1,024; the
-# Multi30k search (d_model 256, two threads) at 0.99x (beam 5) and 0.83x (greedy), with 54 and 71
-# of 1,000 outputs changed. On an AMX Xeon (before the graph) bf16 searched at 0.96x / 0.75x.
-MIN_BF16_CPU_DECODING_WIDTH = 1024
 
 
 @dataclass(frozen=True)
@@ -239,21 +229,23 @@ def resolve_precision(
     return PrecisionChoice(requested, f"asked for, on CPU class {cls}")
 
 
-def resolve_decoding_precision(
-    requested: str, device: torch.device | str, d_model: int
-) -> PrecisionChoice:
-    """:func:`resolve_precision` for decoding or sampling a model of width ``d_model``: ``auto`` on
-    a CPU stays fp32 below :data:`MIN_BF16_CPU_DECODING_WIDTH`; anything else as there.
+def resolve_sampling_precision(requested: str, device: torch.device | str) -> PrecisionChoice:
+    """:func:`resolve_precision` for sampling a GPT, one row per step: ``auto`` on a CPU stays fp32.
+
+    A one-row step's products are too small for bf16 to win back autocast's casts of the weights,
+    which it redoes at every step, and the fp32 step runs as one TorchScript graph
+    (:mod:`seq2seq.scripted`), which autocast bypasses. On a Zen 5 EPYC (one thread, a decoder
+    step of one row, benchmarks/RESULTS.md) bf16 ran at 0.48x, 0.57x and 0.50x fp32's speed at
+    d_model 256, 512 and 1,024; `seq2seq sample` on the Shakespeare GPT gave 211-225 tokens/s in
+    bf16 against 628 in fp32. Batched translation keeps :func:`resolve_precision`:
+    with ``batch_tokens`` 4,096 bf16 searched Multi30k 1.05-1.13x faster there.
 
     Raises:
         ValueError: as :func:`resolve_precision`.
     """
     choice = resolve_precision(requested, device)
     if requested == "auto" and choice.precision == "bf16" and torch.device(device).type == "cpu":
-        if d_model < MIN_BF16_CPU_DECODING_WIDTH:
-            return PrecisionChoice(
-                "fp32",
-                f"decoding on a CPU with native bf16 ({cpu_class()}), but d_model {d_model} < "
-                f"{MIN_BF16_CPU_DECODING_WIDTH}: fp32 is faster and exact",
-            )
+        return PrecisionChoice(
+            "fp32", f"sampling one row per step on a CPU with native bf16 ({cpu_class()})"
+        )
     return choice

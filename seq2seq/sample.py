@@ -25,7 +25,7 @@ import torch
 
 from seq2seq.checkpoint import CheckpointError, load_for_inference
 from seq2seq.config import ConfigError, DecodeConfig
-from seq2seq.hardware import resolve_decoding_precision
+from seq2seq.hardware import resolve_sampling_precision
 from seq2seq.kernels import prepare_cpu_decoding
 from seq2seq.search import GPTDecoder, sample
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SampleError(f"{args.model}: not a GPT model; use seq2seq translate")
         prepare_cpu_decoding(model)  # on the CPU, each new token's step as one graph
         decode = config.decode
-        precision = resolve_decoding_precision(requested, device, config.model.d_model)
+        precision = resolve_sampling_precision(requested, device)
         if args.prompt is not None:
             prompt = args.prompt
         else:

@@ -16,9 +16,7 @@ translated one line at a time, each answer written and flushed as soon as its li
 so translate a large corpus with ``--input`` for throughput.
 
 ``--precision auto|fp32|bf16|int8`` (default auto) picks the autocast dtype through
-:func:`seq2seq.hardware.resolve_decoding_precision` (on a CPU, fp32 for models narrower than
-d_model 1,024, which decode faster and exactly in fp32) and prints its choice and reason at
-start; ``int8
+:func:`seq2seq.hardware.resolve_precision` and prints its choice and reason at start; ``int8
 (CPU only) runs the linear layers dynamically quantized (:func:`seq2seq.decoding.quantize_int8`);
 ``--bf16`` is a deprecated alias for ``--precision bf16``.
 
@@ -73,12 +71,7 @@ from seq2seq.decoding import (  # noqa: F401  (the rest are re-exported for impo
     translate_ids,
     translate_nbest,
 )
-from seq2seq.hardware import (
-    PrecisionChoice,
-    resolve_decoding_precision,
-    resolve_device,
-    resolve_precision,
-)
+from seq2seq.hardware import PrecisionChoice, resolve_device, resolve_precision
 from seq2seq.kernels import prepare_cpu_decoding
 from seq2seq.textio import iter_lines
 from seq2seq.tokenizer import Tokenizer
@@ -227,8 +220,7 @@ def add_precision_flags(p: argparse.ArgumentParser, int8: bool = False) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "int8") if int8 else ("auto", "fp32", "bf16"),
         default=None,
-        help="autocast precision (default auto: on a CPU, fp32 below d_model 1024, else bf16 "
-        "where the hardware runs it natively)",
+        help="autocast precision (default auto: bf16 where the hardware runs it natively)",
     )
     p.add_argument("--bf16", action="store_true", help="deprecated: same as --precision bf16")
 
@@ -291,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         model = quantize_int8(model, device)
         print(f"translate: precision: int8 ({precision.reason})", file=sys.stderr)
     else:
-        precision = resolve_decoding_precision(requested, device, config.model.d_model)
         print(f"translate: {precision.describe(requested)}", file=sys.stderr)
     prepare_cpu_decoding(model)
 

@@ -143,23 +143,21 @@ def test_auto_keeps_fp32_for_narrow_models_even_with_native_bf16(monkeypatch):
 
 
 @pytest.mark.parametrize("cls", ["amx", "avx512_bf16"])
-def test_auto_decodes_models_below_d_model_1024_in_fp32_on_a_cpu(monkeypatch, cls):
-    """Decoding: bf16 autocast measured slower than fp32 up to d_model 512 and faster at 1,024
-    (Zen 5, 64-320 rows a step); an explicit bf16, CUDA and training keep their own rules."""
+def test_auto_samples_in_fp32_on_a_cpu_even_with_native_bf16(monkeypatch, cls):
+    """One row per step: bf16 autocast measured at half fp32's speed; an explicit bf16 is kept,
+    and batched work (training, translation) keeps bf16."""
     monkeypatch.setattr(hardware, "cpu_class", lambda: cls)
-    for width in (128, 256, 512, 1023):
-        choice = hardware.resolve_decoding_precision("auto", "cpu", width)
-        assert choice.precision == "fp32", width
-        assert f"d_model {width} < 1024" in choice.reason and cls in choice.reason
-    assert hardware.resolve_decoding_precision("auto", "cpu", 1024).precision == "bf16"
-    assert hardware.resolve_decoding_precision("bf16", "cpu", 256).precision == "bf16"
-    assert hardware.resolve_decoding_precision("fp32", "cpu", 4096).precision == "fp32"
-    assert hardware.resolve_precision("auto", "cpu", d_model=512).precision == "bf16"  # training
+    choice = hardware.resolve_sampling_precision("auto", "cpu")
+    assert (
+        choice.precision == "fp32" and "one row per step" in choice.reason and cls in choice.reason
+    )
+    assert hardware.resolve_sampling_precision("bf16", "cpu").precision == "bf16"
+    assert hardware.resolve_precision("auto", "cpu", d_model=512).precision == "bf16"
     monkeypatch.setattr(hardware, "cpu_class", lambda: "avx2")
-    choice = hardware.resolve_decoding_precision("auto", "cpu", 4096)
+    choice = hardware.resolve_sampling_precision("auto", "cpu")
     assert choice.precision == "fp32" and "without native bf16" in choice.reason
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        hardware.resolve_decoding_precision("fp16", "cpu", 256)
+        hardware.resolve_sampling_precision("fp16", "cpu")
 
 
 def test_auto_trains_narrow_models_in_bf16_with_avx512_bf16_and_no_amx(monkeypatch):
