@@ -15,7 +15,9 @@ for single-token steps in inference (no gradient, no autocast, eval mode) and ru
 otherwise: a prompt of several tokens, attention records, training, other devices.
 ``torch.compile`` was the first choice and failed on these dynamic shapes (RESULTS.md).
 
-This file leaves out ``from __future__ import annotations``: TorchScript reads the annotations.
+This file leaves out ``from __future__ import annotations``, since TorchScript reads the
+annotations, and reshapes heads with ``view``/``transpose``, since TorchScript cannot call einops;
+the eager layers (:mod:`seq2seq.layers`) remain the readable statement of the same step.
 """
 
 import warnings
@@ -25,8 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.tokenizer import PAD_ID
-
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
 class Float32Linear(nn.Module):
