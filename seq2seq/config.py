@@ -303,8 +303,13 @@ class DecodeConfig:
     max_new_tokens: int = 500
 
     def validate(self) -> None:
-        if self.beam_size < 1 or self.nbest < 1 or self.nbest > self.beam_size:
-            raise ConfigError("decode.beam_size must be >= 1 and 1 <= decode.nbest <= beam_size")
+        if self.beam_size < 1:
+            raise ConfigError(f"decode.beam_size must be >= 1, got {self.beam_size}")
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ConfigError(
+                f"decode.nbest must lie between 1 and decode.beam_size ({self.beam_size}), "
+                f"got {self.nbest}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("decode.top_p must lie in (0, 1]")
         for name in ("length_penalty", "max_len_a", "temperature"):

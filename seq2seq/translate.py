@@ -23,7 +23,8 @@ so translate a large corpus with ``--input`` for throughput.
 ``--nbest K`` writes exactly K lines per input line, ``INDEX ||| HYPOTHESIS ||| SCORE`` with a
 0-based input index and the length-normalised log-probability score; missing hypotheses (an
 empty input, or a search that found fewer than K) are written as empty with score ``-inf``
-(``0`` for an empty input).
+(``0`` for an empty input). Without ``--beam`` it widens a narrower beam of the model's config
+to K, as ``Translator.translate_nbest`` does; with ``--beam`` below K it is refused.
 
 ``--sample`` draws each translation instead of searching for the best one (back-translation
 wants varied sources): ``--temperature`` divides the log-probabilities, then ``--top-k`` and
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -259,12 +261,25 @@ def main(argv: list[str] | None = None) -> int:
             # One draw per line: the model's beam and n-best settings do not apply.
             overrides.update(beam_size=1, nbest=1)
         rules = {**DECODE_RULES, **SAMPLING_RULES} if args.sample else DECODE_RULES
+        widen = _check_nbest_flags(args)
+        loaded_with = {**overrides, "nbest": None} if widen else overrides
         model, tokenizer, config, _ = check_decode_flags(
             overrides,
-            lambda: load_for_inference(args.model, str(device), overrides),
+            lambda: load_for_inference(args.model, str(device), loaded_with),
             args.model,
             rules,
         )
+        if widen:
+            beam = max(config.decode.beam_size, args.nbest)
+            if beam > config.decode.beam_size:
+                print(
+                    f"translate: --nbest {args.nbest} widens the model's beam "
+                    f"{config.decode.beam_size} to {beam}",
+                    file=sys.stderr,
+                )
+            decode = dataclasses.replace(config.decode, beam_size=beam, nbest=args.nbest)
+            decode.validate()
+            config = dataclasses.replace(config, decode=decode)
         if config.model.arch != "transformer":
             raise TranslateError(f"{args.model}: a GPT model cannot translate; use seq2seq sample")
     except (CheckpointError, ConfigError, TranslateError) as error:
@@ -342,6 +357,21 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_nbest_flags(args: argparse.Namespace) -> bool:
+    """Whether ``--nbest`` came without ``--beam`` (the beam then widens to it once the model's
+    config is read); ``--nbest`` above ``--beam`` is refused."""
+    if args.nbest is None or args.sample:
+        return False
+    if args.beam_size is None:
+        return True
+    if args.nbest > args.beam_size >= 1:
+        raise TranslateError(
+            f"--nbest {args.nbest} exceeds --beam {args.beam_size}: a beam of B keeps at most B "
+            f"hypotheses"
+        )
+    return False
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:

@@ -149,8 +149,8 @@ def test_cli_user_errors_exit_2_and_name_the_problem(model_dir, tmp_path, capsys
     source = tmp_path / "in.txt"
     source.write_text("ab\n")
     argv = ["--model", str(model_dir), "--input", str(source), "--device", "cpu"]
-    assert main(argv + ["--beam", "2", "--nbest", "3"]) == 2  # flags reach DecodeConfig.validate
-    assert "seq2seq translate: error: decode.beam_size" in capsys.readouterr().err
+    assert main(argv + ["--beam", "2", "--nbest", "3"]) == 2
+    assert "seq2seq translate: error: --nbest 3 exceeds --beam 2" in capsys.readouterr().err
     assert main(argv + ["--beam", "2", "--nbest", "2", "--output", str(tmp_path / "o")]) == 0
     assert len((tmp_path / "o").read_text().splitlines()) == 2
 

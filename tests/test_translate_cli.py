@@ -198,3 +198,23 @@ def test_output_into_a_fifo_writes_into_it_and_keeps_it(model_dir, tmp_path):
     reader.join(timeout=30)
     assert received and received[0].count(b"\n") == len(SOURCES)
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # still the pipe, not a file renamed over it
+
+
+def test_nbest_widens_the_models_beam_and_is_refused_above_an_explicit_beam(
+    model_dir, tmp_path, capsys
+):
+    from seq2seq.checkpoint import load_config_file
+    from seq2seq.translate import main
+
+    beam = load_config_file(model_dir).decode.beam_size
+    wider = beam + 1
+    lines = _translate(model_dir, tmp_path, "--nbest", str(wider))
+    assert f"widens the model's beam {beam} to {wider}" in capsys.readouterr().err
+    assert len(lines) == wider * len(SOURCES)
+    assert lines == _translate(model_dir, tmp_path, "--nbest", str(wider), "--beam", str(wider))
+    capsys.readouterr()
+    source = tmp_path / "in.txt"
+    code = main(["--model", str(model_dir), "--input", str(source), "--device", "cpu",
+                 "--nbest", str(wider), "--beam", str(beam)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"--nbest {wider} exceeds --beam {beam}" in err and err.count("\n") == 1
